@@ -1,10 +1,10 @@
 """The `asymkd` command: one console script, one subcommand per component.
 
-    asymkd serve --model PATH --backend {hf,vllm} --port 50051     # teacher service
-    asymkd train --config run.yaml [--section.key value ...]       # student (under torchrun for N ranks)
-    asymkd run --config examples/demo.yaml                         # local teacher + student, one machine
-    asymkd plan ...                                                # partition planner, launch files
-    asymkd cache ...                                               # offline teacher-logit cache
+asymkd serve --model PATH --backend {hf,vllm} --port 50051     # teacher service
+asymkd train --config run.yaml [--section.key value ...]       # student (under torchrun for N ranks)
+asymkd run --config examples/demo.yaml                         # local teacher + student, one machine
+asymkd plan ...                                                # partition planner, launch files
+asymkd cache ...                                               # offline teacher-logit cache
 """
 
 from __future__ import annotations

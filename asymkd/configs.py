@@ -91,7 +91,9 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         key = str(raw_key).replace("-", "_")
         path = f"{prefix}.{key}" if prefix else key
         if key not in fields:
-            raise ConfigError(f"unknown config key '{path}'; {cls.__name__} accepts: {', '.join(sorted(fields))}")
+            raise ConfigError(
+                f"unknown config key '{path}'; {cls.__name__} accepts: {', '.join(sorted(fields))}"
+            )
         kwargs[key] = _coerce(value, hints[key], path)
     try:
         return cls(**kwargs)

