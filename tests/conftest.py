@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny model folders built once per test session (no hub, no network)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory):
+    """A random 2-layer Llama (hidden 64, head_dim 32, vocab 512 from a tiny BPE) with its tokenizer."""
+    from teacher_server.models import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_teacher"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_student_dir(tmp_path_factory, tiny_teacher_dir):
+    """A smaller random Llama sharing the teacher's tokenizer."""
+    from teacher_server.models import build_tiny_llama
+
+    return build_tiny_llama(
+        tmp_path_factory.mktemp("tiny_student"),
+        hidden_size=32,
+        num_heads=1,
+        tokenizer_from=tiny_teacher_dir,
+        seed=1,
+    )
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    # 2-core CI machines: keep the test process from oversubscribing next to server subprocesses.
+    torch.set_num_threads(1)
+    yield
