@@ -1,0 +1,437 @@
+"""Knowledge-distillation losses: exact divergences over a dense vocabulary or over top-k + one tail bucket.
+
+Pure torch functions, no state. The teacher P and the student Q are given as log-probabilities; every
+divergence takes ``(teacher_logprobs, student_logprobs)`` in that order and sums over the last dimension.
+
+Sparse (``TOP_K``) losses are real divergences over K+1 classes: the teacher's k ids plus a *tail bucket*
+holding all other ids. The teacher side of the bucket is the server's exact ``tail_logprob``; the student side
+is ``logsumexp`` of the student's logits over the ids outside the teacher's top-k, minus the full
+``logsumexp`` (exact, no ``log1p(-sum)`` cancellation). Top-k renormalized *without* the tail is worse than
+plain training, so it is deliberately not offered.
+
+Conventions (see the functions for details):
+- Temperature T: student logits are divided by T; teacher values arrive already at T from the server. The KD
+  term is multiplied by T² (Hinton et al. 2015, https://arxiv.org/abs/1503.02531) unless ``scale_t2=False``.
+  CE always uses the raw logits (T = 1).
+- Generalized JSD(β) follows TRL's ``generalized_jsd_loss`` (GKD, https://arxiv.org/abs/2306.13649):
+  M = βP + (1−β)Q, JSD_β = β·KL(P‖M) + (1−β)·KL(Q‖M) for 0 < β < 1, and the endpoints are defined as
+  β = 0 → KL(P‖Q) (forward) and β = 1 → KL(Q‖P) (reverse). The mixture formula itself tends to 0 at both
+  ends (≈ β·KL(P‖Q) near 0), so values are discontinuous at the endpoints, exactly as in TRL.
+- Skew KL (DistiLLM, https://arxiv.org/abs/2402.03898): skew forward = KL(P ‖ αP + (1−α)Q), skew reverse =
+  KL(Q ‖ αQ + (1−α)P); α = 0 gives plain forward / reverse KL.
+- Zero-probability classes (-inf log-probs) never produce NaN values or gradients; a divergence is +inf only
+  where it truly is (e.g. reverse KL with student mass where the teacher has none).
+- Padded vocabulary: the student may have more columns than the teacher (V_s ≥ V_t, e.g. 151936 → 152064).
+  Sparse: the extra student columns belong to the tail bucket. Dense: teacher log-probs beyond V_t are -inf.
+- Mixing: loss = (1 − ce_weight)·KD + ce_weight·CE. Losses are *sums* over valid rows; the trainer divides
+  by the global number of target tokens (across accumulation steps and ranks), see ``combine_loss_sums``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+LOSS_NAMES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
+_NEG_INF = float("-inf")
+
+
+# ---------------------------------------------------------------------------------------------- divergences
+def _sanitize(lp: Tensor, lq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Set classes where both sides are -inf to 0 so no op sees ``-inf - -inf``; also return that mask."""
+    dead = torch.isneginf(lp) & torch.isneginf(lq)
+    return lp.masked_fill(dead, 0.0), lq.masked_fill(dead, 0.0), dead
+
+
+def _x_log_ratio(lx: Tensor, ly: Tensor) -> Tensor:
+    """Per class x·(log x − log y) with x = exp(lx); exactly 0 where x = 0, with zero (not NaN) gradient."""
+    empty = torch.isneginf(lx)
+    lx_safe = lx.masked_fill(empty, 0.0)  # keeps 0·(-inf) out of both the value and the backward pass
+    return torch.where(empty, 0.0, lx_safe.exp() * (lx_safe - ly))
+
+
+def _log_mix(la: Tensor, lb: Tensor, w: float) -> Tensor:
+    """log(w·a + (1 − w)·b) from log a, log b, for w in [0, 1]."""
+    if w == 0.0:
+        return lb
+    if w == 1.0:
+        return la
+    return torch.logaddexp(la + math.log(w), lb + math.log1p(-w))
+
+
+def forward_kl(teacher_lp: Tensor, student_lp: Tensor) -> Tensor:
+    """KL(P‖Q) = Σ p·(log p − log q). Inputs (..., C) log-probs; returns (...)."""
+    lp, lq, dead = _sanitize(teacher_lp, student_lp)
+    return _x_log_ratio(lp, lq).masked_fill(dead, 0.0).sum(-1)
+
+
+def reverse_kl(teacher_lp: Tensor, student_lp: Tensor) -> Tensor:
+    """KL(Q‖P) = Σ q·(log q − log p). Inputs (..., C) log-probs; returns (...)."""
+    lp, lq, dead = _sanitize(teacher_lp, student_lp)
+    return _x_log_ratio(lq, lp).masked_fill(dead, 0.0).sum(-1)
+
+
+def generalized_jsd(teacher_lp: Tensor, student_lp: Tensor, beta: float = 0.5) -> Tensor:
+    """TRL/GKD generalized JSD: β·KL(P‖M) + (1−β)·KL(Q‖M), M = βP + (1−β)Q; β=0 → KL(P‖Q), β=1 → KL(Q‖P).
+
+    Inputs (..., C) log-probs; returns (...).
+    """
+    if beta == 0.0:
+        return forward_kl(teacher_lp, student_lp)
+    if beta == 1.0:
+        return reverse_kl(teacher_lp, student_lp)
+    lp, lq, dead = _sanitize(teacher_lp, student_lp)
+    lm = _log_mix(lp, lq, beta)
+    terms = beta * _x_log_ratio(lp, lm) + (1.0 - beta) * _x_log_ratio(lq, lm)
+    return terms.masked_fill(dead, 0.0).sum(-1)
+
+
+def total_variation(teacher_lp: Tensor, student_lp: Tensor) -> Tensor:
+    """TVD = ½ Σ |p − q|. Inputs (..., C) log-probs; returns (...)."""
+    return 0.5 * (teacher_lp.exp() - student_lp.exp()).abs().sum(-1)
+
+
+def skew_forward_kl(teacher_lp: Tensor, student_lp: Tensor, alpha: float = 0.1) -> Tensor:
+    """DistiLLM skew forward KL: KL(P ‖ αP + (1−α)Q). Inputs (..., C) log-probs; returns (...)."""
+    lp, lq, dead = _sanitize(teacher_lp, student_lp)
+    return _x_log_ratio(lp, _log_mix(lp, lq, alpha)).masked_fill(dead, 0.0).sum(-1)
+
+
+def skew_reverse_kl(teacher_lp: Tensor, student_lp: Tensor, alpha: float = 0.1) -> Tensor:
+    """DistiLLM skew reverse KL: KL(Q ‖ αQ + (1−α)P). Inputs (..., C) log-probs; returns (...)."""
+    lp, lq, dead = _sanitize(teacher_lp, student_lp)
+    return _x_log_ratio(lq, _log_mix(lq, lp, alpha)).masked_fill(dead, 0.0).sum(-1)
+
+
+def divergence(
+    teacher_lp: Tensor, student_lp: Tensor, loss: str = "forward_kl", *, beta: float = 0.5, alpha: float = 0.1
+) -> Tensor:
+    """Dispatch on ``loss`` (one of ``LOSS_NAMES``). Inputs (..., C) log-probs; returns (...)."""
+    if loss == "forward_kl":
+        return forward_kl(teacher_lp, student_lp)
+    if loss == "reverse_kl":
+        return reverse_kl(teacher_lp, student_lp)
+    if loss == "jsd":
+        return generalized_jsd(teacher_lp, student_lp, beta)
+    if loss == "tvd":
+        return total_variation(teacher_lp, student_lp)
+    if loss == "skew_forward_kl":
+        return skew_forward_kl(teacher_lp, student_lp, alpha)
+    if loss == "skew_reverse_kl":
+        return skew_reverse_kl(teacher_lp, student_lp, alpha)
+    raise ValueError(f"loss must be one of {LOSS_NAMES}, got {loss!r}")
+
+
+# --------------------------------------------------------------------------------------- row-level losses
+@dataclass(frozen=True)
+class KDSpec:
+    """Which divergence and how to scale it; validated once."""
+
+    loss: str = "forward_kl"
+    beta: float = 0.5  # generalized JSD only
+    alpha: float = 0.1  # skew KLs only
+    temperature: float = 1.0
+    scale_t2: bool = True  # multiply the KD term by T² (Hinton scaling)
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSS_NAMES:
+            raise ValueError(f"loss must be one of {LOSS_NAMES}, got {self.loss!r}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {self.beta}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if not self.temperature > 0.0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
+class LossOutput:
+    """Loss sums over the valid rows, plus diagnostics (means over valid rows, detached).
+
+    ``loss_sum = (1 − ce_weight)·kd_sum + ce_weight·ce_sum``. ``teacher_mass_in_support`` is Σ exp(teacher
+    log-probs given), i.e. 1 − tail for TOP_K; ``student_mass_in_teacher_topk`` is the student mass on the same
+    ids (on the first V_t columns for dense teachers). Both are 0 when there are no valid rows.
+    """
+
+    loss_sum: Tensor
+    kd_sum: Tensor
+    ce_sum: Tensor
+    num_tokens: int
+    teacher_mass_in_support: Tensor
+    student_mass_in_teacher_topk: Tensor
+
+
+def _sparse_pair(z: Tensor, ids: Tensor, t_lp: Tensor, t_tail: Tensor) -> tuple[Tensor, ...]:
+    """(R, V_s) scaled student logits + teacher top-k → (R, k+1) log-probs (lp, lq) and per-row masses."""
+    lse = torch.logsumexp(z, -1, keepdim=True)
+    lq_top = z.gather(-1, ids) - lse
+    if ids.shape[-1] >= z.shape[-1]:
+        # The bucket holds no ids: its mass is exactly 0 on both sides, whatever rounding the server reported.
+        lq_tail = torch.full_like(lse, _NEG_INF)
+        lp_tail = lq_tail
+    else:
+        lq_tail = torch.logsumexp(z.scatter(-1, ids, _NEG_INF), -1, keepdim=True) - lse
+        lp_tail = t_tail.unsqueeze(-1)
+    lp = torch.cat([t_lp, lp_tail], -1)
+    lq = torch.cat([lq_top, lq_tail], -1)
+    return lp, lq, torch.logsumexp(t_lp, -1).exp(), torch.logsumexp(lq_top, -1).exp()
+
+
+def _dense_pair(z: Tensor, t_lp: Tensor) -> tuple[Tensor, ...]:
+    """(R, V_s) scaled student logits + (R, V_t) teacher log-probs → (R, V_s) (lp, lq) and per-row masses."""
+    lq = torch.log_softmax(z, -1)
+    v_t = t_lp.shape[-1]
+    lp = F.pad(t_lp, (0, z.shape[-1] - v_t), value=_NEG_INF)  # padded vocab: the teacher has no mass there
+    return lp, lq, torch.logsumexp(t_lp, -1).exp(), torch.logsumexp(lq[:, :v_t], -1).exp()
+
+
+def _chunk_sums(
+    student_rows: Callable[[Tensor], Tensor],
+    x: Tensor,
+    t_lp: Tensor,
+    t_ids: Tensor | None,
+    t_tail: Tensor | None,
+    targets: Tensor | None,
+    *,
+    spec: KDSpec,
+) -> Tensor:
+    """One chunk of valid rows → tensor [kd_sum, ce_sum, teacher_mass_sum, student_mass_sum]."""
+    logits = student_rows(x)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 → fp32, fp64 stays fp64
+    if t_lp.shape[-1] > logits.shape[-1]:
+        what = "vocab size" if t_ids is None else "top-k k"
+        raise ValueError(f"teacher {what}={t_lp.shape[-1]} exceeds student vocab {logits.shape[-1]}")
+    z = logits / spec.temperature
+    t_lp = t_lp.to(z.dtype)
+    if t_ids is None:
+        lp, lq, t_mass, s_mass = _dense_pair(z, t_lp)
+    else:
+        assert t_tail is not None
+        lp, lq, t_mass, s_mass = _sparse_pair(z, t_ids.long(), t_lp, t_tail.to(z.dtype))
+    kd = divergence(lp, lq, spec.loss, beta=spec.beta, alpha=spec.alpha).sum()
+    if spec.scale_t2:
+        kd = kd * spec.temperature**2
+    ce = kd.new_zeros(()) if targets is None else F.cross_entropy(logits, targets, reduction="sum")
+    return torch.stack([kd, ce, t_mass.sum().detach(), s_mass.sum().detach()])
+
+
+def _flat_inputs(
+    n: int, teacher: tuple[Tensor, Tensor | None, Tensor | None], targets: Tensor | None, mask: Tensor
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor]:
+    """Check that every input has N rows (any leading shape, e.g. (B, T)) and flatten it to N rows."""
+    t_lp, t_ids, t_tail = teacher
+    if (t_ids is None) != (t_tail is None):
+        raise ValueError("teacher_ids and teacher_tail come together (TOP_K) or not at all (FULL)")
+    if t_ids is not None and t_ids.shape != t_lp.shape:
+        raise ValueError(f"teacher_ids {tuple(t_ids.shape)} and teacher_logprobs {tuple(t_lp.shape)} differ")
+    rows = {"mask": mask.numel(), "teacher_logprobs": math.prod(t_lp.shape[:-1])}
+    rows |= {} if t_tail is None else {"teacher_tail": t_tail.numel()}
+    rows |= {} if targets is None else {"targets": targets.numel()}
+    if any(r != n for r in rows.values()):
+        raise ValueError(f"the student has {n} rows, but got rows {rows}")
+    flat = [None if t is None else t.reshape(n, -1) for t in (t_lp, t_ids)]
+    flat += [None if t is None else t.reshape(n) for t in (t_tail, targets, mask)]
+    return tuple(flat)  # type: ignore[return-value]
+
+
+def _run_chunks(
+    student_rows: Callable[[Tensor], Tensor],
+    source: Tensor,
+    teacher: tuple[Tensor, Tensor | None, Tensor | None],
+    targets: Tensor | None,
+    mask: Tensor,
+    *,
+    spec: KDSpec,
+    ce_weight: float,
+    chunk_rows: int | None,
+) -> LossOutput:
+    """Select valid rows, then sum ``_chunk_sums`` over chunks of them (recomputed in backward if chunked)."""
+    if not 0.0 <= ce_weight <= 1.0:
+        raise ValueError(f"ce_weight must be in [0, 1], got {ce_weight}")
+    if ce_weight > 0.0 and targets is None:
+        raise ValueError(f"ce_weight={ce_weight} needs targets")
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    n = source.shape[0]
+    t_lp, t_ids, t_tail, targets, mask = _flat_inputs(n, teacher, targets, mask)
+
+    valid = mask.nonzero().squeeze(1)  # prompt/padding rows never reach the vocab-sized work
+    num = valid.numel()
+    step = max(num if chunk_rows is None else chunk_rows, 1)
+    fn = partial(_chunk_sums, student_rows, spec=spec)
+    sums = []
+    for start in range(0, max(num, 1), step):  # one (empty) chunk when num == 0 keeps the graph connected
+        idx = valid[start : start + step]
+        args = [source[idx], t_lp[idx]] + [None if t is None else t[idx] for t in (t_ids, t_tail, targets)]
+        if chunk_rows is not None and torch.is_grad_enabled():
+            sums.append(checkpoint(fn, *args, use_reentrant=False))  # keep one chunk's (R, V) at a time
+        else:
+            sums.append(fn(*args))
+    kd_sum, ce_sum, t_mass, s_mass = torch.stack(sums).sum(0).unbind()
+    return LossOutput(
+        loss_sum=combine_loss_sums(kd_sum, ce_sum, ce_weight=ce_weight),
+        kd_sum=kd_sum,
+        ce_sum=ce_sum,
+        num_tokens=num,
+        teacher_mass_in_support=t_mass / max(num, 1),
+        student_mass_in_teacher_topk=s_mass / max(num, 1),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ public API
+def combine_loss_sums(
+    kd_sum: Tensor, ce_sum: Tensor, *, ce_weight: float, normalizer: float | Tensor = 1.0
+) -> Tensor:
+    """((1 − ce_weight)·kd_sum + ce_weight·ce_sum) / normalizer.
+
+    ``normalizer`` is typically the global number of target tokens over accumulation steps and ranks; values
+    below 1 count as 1, so an all-masked step gives 0, not NaN.
+    """
+    total = (1.0 - ce_weight) * kd_sum + ce_weight * ce_sum
+    if isinstance(normalizer, Tensor):
+        return total / normalizer.clamp(min=1)
+    return total / max(normalizer, 1)
+
+
+def distill_loss(
+    student_logits: Tensor,
+    teacher_logprobs: Tensor,
+    mask: Tensor,
+    *,
+    teacher_ids: Tensor | None = None,
+    teacher_tail: Tensor | None = None,
+    targets: Tensor | None = None,
+    ce_weight: float = 0.0,
+    chunk_rows: int | None = None,
+    loss: str = "forward_kl",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    scale_t2: bool = True,
+) -> LossOutput:
+    """(1 − ce_weight)·KD + ce_weight·CE, summed over rows where ``mask`` is true.
+
+    student_logits (N, V_s) or (B, T, V_s); mask (N,) bool; targets (N,) token ids (CE at T = 1).
+    Sparse teacher (TOP_K): ``teacher_ids`` (N, k) distinct ids, ``teacher_logprobs`` (N, k), ``teacher_tail``
+    (N,) = log of the mass outside the top-k (-inf when none). Dense teacher (FULL): ``teacher_logprobs``
+    (N, V_t), V_t ≤ V_s. ``chunk_rows`` processes valid rows in chunks, recomputing each in backward.
+    """
+    spec = KDSpec(loss, beta, alpha, temperature, scale_t2)
+    return _run_chunks(
+        lambda rows: rows,
+        student_logits.reshape(-1, student_logits.shape[-1]),
+        (teacher_logprobs, teacher_ids, teacher_tail),
+        targets,
+        mask,
+        spec=spec,
+        ce_weight=ce_weight,
+        chunk_rows=chunk_rows,
+    )
+
+
+def sparse_kd_loss(
+    student_logits: Tensor,
+    teacher_ids: Tensor,
+    teacher_logprobs: Tensor,
+    teacher_tail: Tensor,
+    mask: Tensor,
+    *,
+    loss: str = "forward_kl",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    scale_t2: bool = True,
+    chunk_rows: int | None = None,
+) -> LossOutput:
+    """KD over the K+1 classes (teacher top-k ids + tail bucket). Shapes: logits (N, V_s), ids and logprobs
+    (N, k), tail (N,), mask (N,) bool. Never builds a dense teacher row."""
+    return distill_loss(
+        student_logits,
+        teacher_logprobs,
+        mask,
+        teacher_ids=teacher_ids,
+        teacher_tail=teacher_tail,
+        chunk_rows=chunk_rows,
+        loss=loss,
+        beta=beta,
+        alpha=alpha,
+        temperature=temperature,
+        scale_t2=scale_t2,
+    )
+
+
+def dense_kd_loss(
+    student_logits: Tensor,
+    teacher_logprobs: Tensor,
+    mask: Tensor,
+    *,
+    loss: str = "forward_kl",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    scale_t2: bool = True,
+    chunk_rows: int | None = None,
+) -> LossOutput:
+    """KD over the full vocabulary. Shapes: logits (N, V_s), teacher log-probs (N, V_t ≤ V_s), mask (N,)."""
+    return distill_loss(
+        student_logits,
+        teacher_logprobs,
+        mask,
+        chunk_rows=chunk_rows,
+        loss=loss,
+        beta=beta,
+        alpha=alpha,
+        temperature=temperature,
+        scale_t2=scale_t2,
+    )
+
+
+def ce_loss_sum(student_logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+    """Σ over masked rows of −log softmax(logits)[target] (T = 1). logits (N, V), targets (N,), mask (N,)."""
+    logits = student_logits.reshape(-1, student_logits.shape[-1])[mask.reshape(-1)]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits, targets.reshape(-1)[mask.reshape(-1)], reduction="sum")
+
+
+def chunked_distill_loss(
+    hidden: Tensor,
+    lm_head: Callable[[Tensor], Tensor],
+    teacher_logprobs: Tensor,
+    mask: Tensor,
+    *,
+    teacher_ids: Tensor | None = None,
+    teacher_tail: Tensor | None = None,
+    targets: Tensor | None = None,
+    ce_weight: float = 0.0,
+    chunk_rows: int = 1024,
+    loss: str = "forward_kl",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    scale_t2: bool = True,
+) -> LossOutput:
+    """``distill_loss`` from final hidden states, never holding more than (chunk_rows, V_s) logits.
+
+    hidden (N, H) or (B, T, H); ``lm_head`` maps (R, H) → (R, V_s) (e.g. the model's output module, or
+    ``lambda h: h @ weight.T``). Each chunk of valid rows is recomputed in backward (activation checkpoint),
+    so the student's (B, T, V) logits are never materialized. Teacher arguments as in ``distill_loss``.
+    """
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    spec = KDSpec(loss, beta, alpha, temperature, scale_t2)
+    return _run_chunks(
+        lm_head,
+        flat,
+        (teacher_logprobs, teacher_ids, teacher_tail),
+        targets,
+        mask,
+        spec=spec,
+        ce_weight=ce_weight,
+        chunk_rows=chunk_rows,
+    )
