@@ -1,0 +1,312 @@
+"""`asymkd train` configuration: one root dataclass (`TrainConfig`) made of one section per component.
+
+Values come from the defaults below < a YAML file < `--section.key value` flags (see asymkd/configs.py);
+unknown keys are rejected, and the resolved config is written to `<run.out_dir>/config.yaml`.
+
+    asymkd train --config run.yaml --optim.lr 3e-4 --run.steps 200
+    asymkd train --help                         # every key with its type and default
+
+Each section validates itself in `__post_init__` (messages name the key and the value); `TrainConfig`
+cross-checks sections once at start. Components get only the section they need.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+# Short names accepted for dtypes; stored in their canonical torch spelling.
+_DTYPE_ALIASES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
+# Names used in the design notes -> the names of student_trainer/losses.py.
+_LOSS_ALIASES = {"skew_kl": "skew_forward_kl", "skew_rkl": "skew_reverse_kl"}
+_HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.\-]+):\d{1,5}$")
+
+
+def _check(checks: dict[str, bool], section: object) -> None:
+    """Raise one ValueError naming every `key=value` whose check failed."""
+    bad = [f"{k}={getattr(section, k)!r} is out of range" for k, ok in checks.items() if not ok]
+    if bad:
+        raise ValueError("; ".join(bad))
+
+
+def _canonical_dtype(value: str, key: str, allowed: tuple[str, ...]) -> str:
+    name = _DTYPE_ALIASES.get(value, value)
+    if name not in allowed:
+        raise ValueError(f"{key}={value!r} is not one of {sorted(set(allowed) | {'fp32', 'bf16'})}")
+    return name
+
+
+@dataclass
+class ModelSection:
+    """The student: an HF folder (`path`), or a random-init Llama from the architecture keys below."""
+
+    path: str = ""  # HF model folder; "" = random init from the keys below
+    tokenizer: str = ""  # tokenizer folder; "" = `path`
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 0  # 0 = num_heads
+    intermediate_size: int = 0  # 0 = 4 × hidden_size
+    vocab_size: int = 0  # random init: 0 = the tokenizer's; larger pads the vocab (e.g. to the teacher's)
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    dtype: str = "float32"  # master weights (FSDP mixed precision casts for compute)
+    attn_implementation: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        self.dtype = _canonical_dtype(self.dtype, "dtype", ("float32", "bfloat16"))
+        _check(
+            {
+                "hidden_size": self.hidden_size > 0,
+                "num_layers": self.num_layers > 0,
+                "num_heads": self.num_heads > 0,
+                "num_kv_heads": self.num_kv_heads >= 0
+                and (self.num_kv_heads == 0 or self.num_heads % self.num_kv_heads == 0),
+                "intermediate_size": self.intermediate_size >= 0,
+                "vocab_size": self.vocab_size >= 0,
+                "max_position_embeddings": self.max_position_embeddings > 1,
+            },
+            self,
+        )
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}"
+            )
+
+
+@dataclass
+class DataSection:
+    """Training text: local files (never a hub) or a corpus built by code (`builtin`)."""
+
+    paths: list[str] = field(default_factory=list)  # files or folders (.txt/.md/.rst, .jsonl/.json, .parquet)
+    builtin: str = ""  # "stdlib-docs": docstrings of Python's standard library, made once, cached
+    # auto: by file extension (plain documents). text|jsonl|parquet: plain documents from those files.
+    # messages: records with a chat `messages` list; prompt_completion: `prompt` + `completion` strings.
+    # Both mask the prompt: only the completion (the last assistant turn) is a training target.
+    format: Literal["auto", "text", "jsonl", "parquet", "messages", "prompt_completion"] = "auto"
+    text_field: str = "text"  # jsonl/parquet column holding plain documents
+    text_sample_by: Literal["line", "paragraph", "document"] = "paragraph"  # what one document is in .txt
+    seq_len: int = 512  # tokens per packed row; a row gives seq_len - 1 targets
+    eval_fraction: float = 0.0  # held-out share of the documents (split before packing)
+    eval_path: list[str] = field(default_factory=list)  # or held-out files
+    shuffle: bool = True  # shuffle packed rows per epoch (seeded by run.seed)
+    cache: bool = True  # keep tokenized packs under $ASYMKD_CACHE/packs (keyed by files, tokenizer, seq_len)
+
+    def __post_init__(self) -> None:
+        if self.paths and self.builtin:
+            raise ValueError(f"set paths={self.paths!r} or builtin={self.builtin!r}, not both")
+        if self.builtin and self.builtin not in BUILTIN_CORPORA:
+            raise ValueError(f"builtin={self.builtin!r} is not one of {list(BUILTIN_CORPORA)}")
+        if self.eval_fraction > 0 and self.eval_path:
+            raise ValueError(f"set eval_fraction={self.eval_fraction} or eval_path, not both")
+        _check({"seq_len": self.seq_len >= 2, "eval_fraction": 0.0 <= self.eval_fraction < 1.0}, self)
+
+
+BUILTIN_CORPORA = ("stdlib-docs",)
+
+
+@dataclass
+class OptimSection:
+    """AdamW with linear warmup then cosine (or constant) decay; gradient accumulation and clipping."""
+
+    lr: float = 3e-4
+    weight_decay: float = 0.1  # on matrices only (norms and biases are not decayed)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1  # cosine ends at lr × min_lr_ratio
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    micro_batch_size: int = 8  # rows per rank per micro-batch
+    grad_accum_steps: int = 1
+
+    def __post_init__(self) -> None:
+        _check(
+            {
+                "lr": self.lr > 0,
+                "weight_decay": self.weight_decay >= 0,
+                "betas": len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                "eps": self.eps > 0,
+                "warmup_steps": self.warmup_steps >= 0,
+                "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
+                "grad_clip": self.grad_clip >= 0,
+                "micro_batch_size": self.micro_batch_size >= 1,
+                "grad_accum_steps": self.grad_accum_steps >= 1,
+            },
+            self,
+        )
+
+
+@dataclass
+class ParallelSection:
+    """FSDP2 over all ranks of the torchrun job (dp_replicate > 1 gives HSDP)."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
+    param_dtype: str = "auto"  # compute dtype; auto = float32 on CPU, bfloat16 on CUDA
+    reduce_dtype: str = "float32"  # gradient reduce-scatter dtype; bf16 halves the traffic
+    activation_checkpointing: bool = False  # recompute each decoder block in backward
+    reshard_after_forward: bool = True  # False keeps gathered params until backward (more memory, less comm)
+    dp_shard: int = -1  # ranks a parameter is sharded over; -1 = WORLD_SIZE / dp_replicate
+    dp_replicate: int = 1  # replicas of the sharded group (HSDP)
+
+    def __post_init__(self) -> None:
+        dtypes = ("float32", "bfloat16")
+        self.param_dtype = (
+            "auto"
+            if self.param_dtype == "auto"
+            else _canonical_dtype(self.param_dtype, "param_dtype", dtypes)
+        )
+        self.reduce_dtype = _canonical_dtype(self.reduce_dtype, "reduce_dtype", dtypes)
+        _check(
+            {"dp_shard": self.dp_shard == -1 or self.dp_shard >= 1, "dp_replicate": self.dp_replicate >= 1},
+            self,
+        )
+
+
+@dataclass
+class DistillSection:
+    """The KD objective: loss = kd_weight · KD + ce_weight · CE, each a mean over target tokens."""
+
+    signal: Literal["top_k", "full"] = "top_k"  # what the teacher sends per row
+    top_k: int = 64
+    temperature: float = 1.0  # applied by the teacher server; the student divides its logits by it
+    loss: str = "forward_kl"  # forward_kl | reverse_kl | jsd | tvd | skew_forward_kl (skew_kl) | skew_reverse_kl (skew_rkl)
+    beta: float = 0.5  # generalized JSD: 0 = forward KL, 1 = reverse KL
+    alpha: float = 0.1  # skew KL mixing
+    kd_weight: float = 1.0
+    ce_weight: float = 0.0  # CE on the true next token (T = 1); without teacher targets the loss is CE only
+    chunk_rows: int = 1024  # loss rows per chunk (recomputed in backward); 0 = all rows at once
+
+    def __post_init__(self) -> None:
+        from student_trainer.losses import LOSS_NAMES
+
+        self.loss = _LOSS_ALIASES.get(self.loss, self.loss)
+        if self.loss not in LOSS_NAMES:
+            raise ValueError(f"loss={self.loss!r} is not one of {list(LOSS_NAMES) + list(_LOSS_ALIASES)}")
+        _check(
+            {
+                "top_k": self.top_k >= 1,
+                "temperature": self.temperature > 0,
+                "beta": 0 <= self.beta <= 1,
+                "alpha": 0 <= self.alpha <= 1,
+                "kd_weight": self.kd_weight >= 0,
+                "ce_weight": self.ce_weight >= 0,
+                "chunk_rows": self.chunk_rows >= 0,
+            },
+            self,
+        )
+        if self.kd_weight == 0 and self.ce_weight == 0:
+            raise ValueError("kd_weight=0 and ce_weight=0: the loss would be 0")
+
+
+@dataclass
+class TeacherSection:
+    """Where the teacher runs; several targets are balanced with failover. Empty = CE-only training."""
+
+    targets: list[str] = field(default_factory=list)  # "host:port" of teacher replicas
+    prefetch: int = 4  # batches in flight to the teacher ahead of the one being trained on
+    timeout_s: float = 60.0  # deadline per request
+    max_retries: int = 5  # per request, on UNAVAILABLE / RESOURCE_EXHAUSTED, with backoff (client level)
+    retry_deadline_s: float = 300.0  # feed level: resend held batches until no answer came for this long
+    # Accept a teacher vocab smaller than the student's (e.g. 151936 vs 152064): the extra student ids are
+    # ids the tokenizer never produces; they count as teacher probability 0 (top-k: in the tail bucket).
+    allow_padded_vocab: bool = False
+
+    def __post_init__(self) -> None:
+        bad = [t for t in self.targets if not _HOST_PORT.match(t)]
+        if bad:
+            raise ValueError(f"targets {bad} are not host:port")
+        _check(
+            {
+                "prefetch": self.prefetch >= 1,
+                "timeout_s": self.timeout_s > 0,
+                "max_retries": self.max_retries >= 0,
+            },
+            self,
+        )
+
+
+@dataclass
+class CheckpointSection:
+    """DCP checkpoints (model, optimizer, scheduler, data position, RNG, step) and the final HF export."""
+
+    dir: str = ""  # "" = <run.out_dir>/checkpoints
+    every_steps: int = 0  # 0 = only at the end of the run
+    keep: int = 2  # newest checkpoints kept
+    resume: bool | str = False  # true = the newest checkpoint in `dir` (none: start fresh); or a step folder
+    export: bool = True  # save_pretrained + tokenizer to <run.out_dir>/final at the end
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.resume, bool | str):
+            raise ValueError(f"resume={self.resume!r} must be true/false or a checkpoint folder")
+        _check({"every_steps": self.every_steps >= 0, "keep": self.keep >= 1}, self)
+
+
+@dataclass
+class MetricsSection:
+    log_every: int = 1  # steps between progress lines (rank 0)
+    jsonl: str = "metrics.jsonl"  # one record per step (sample ids included), under run.out_dir; "" = off
+    tensorboard: bool = False  # also write TensorBoard events (if the package is installed)
+
+    def __post_init__(self) -> None:
+        _check({"log_every": self.log_every >= 1}, self)
+
+
+@dataclass
+class RunSection:
+    out_dir: str = "runs/student"
+    steps: int = 100  # optimizer steps
+    seed: int = 0  # model init, data order
+    eval_every: int = 0  # steps between held-out evaluations; 0 = only at the end (when there is eval data)
+    eval_batches: int = 4  # micro-batches per rank per evaluation
+
+    def __post_init__(self) -> None:
+        _check(
+            {
+                "steps": self.steps >= 1,
+                "eval_every": self.eval_every >= 0,
+                "eval_batches": self.eval_batches >= 1,
+            },
+            self,
+        )
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    distill: DistillSection = field(default_factory=DistillSection)
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    def __post_init__(self) -> None:
+        if not self.model.path and not self.model.tokenizer:
+            raise ValueError("set model.path (an HF folder) or model.tokenizer (for a random-init student)")
+        if not self.data.paths and not self.data.builtin:
+            raise ValueError(
+                f"set data.paths (files or folders) or data.builtin (one of {list(BUILTIN_CORPORA)})"
+            )
+        if self.run.eval_every > 0 and not self.has_eval:
+            raise ValueError(
+                f"run.eval_every={self.run.eval_every} needs held-out data: set data.eval_fraction or data.eval_path"
+            )
+        if self.data.seq_len > self.model.max_position_embeddings and not self.model.path:
+            raise ValueError(
+                f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings="
+                f"{self.model.max_position_embeddings}"
+            )
+        if self.distill.signal == "full" and self.distill.top_k != DistillSection.top_k:
+            raise ValueError(f"distill.top_k={self.distill.top_k} has no effect with distill.signal='full'")
+
+    @property
+    def has_eval(self) -> bool:
+        return self.data.eval_fraction > 0 or bool(self.data.eval_path)
+
+    @property
+    def uses_teacher(self) -> bool:
+        return bool(self.teacher.targets)
