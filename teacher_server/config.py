@@ -8,9 +8,24 @@ from typing import Literal
 
 @dataclass
 class VLLMOptions:
-    """Passed through to vLLM's engine arguments (`--vllm.enforce-eager`, ...)."""
+    """Passed through to vLLM's engine arguments (`--vllm.enforce-eager`, ...); see backends/vllm.py.
 
-    gpu_memory_utilization: float = 0.9  # on the CPU build: the fraction of RAM for the KV cache
+    `runner` picks what the vLLM engine computes (one engine runs one runner):
+      pooling  - final hidden states + the teacher's output layer in torch: every Score signal, exact at
+                 any temperature (TOP_K tail included); Generate answers UNIMPLEMENTED.
+      generate - prompt logprobs (TOP_K / TARGET_ONLY at temperature 1 only; the tail is derived from the
+                 top-k) + Generate.
+      both     - one engine of each in the process (Score on pooling, Generate on generate): all of the
+                 above, at twice the weight memory; gpu_memory_utilization / kv_cache_memory_bytes are
+                 split evenly between the two.
+    """
+
+    runner: Literal["pooling", "generate", "both"] = "pooling"
+    # GPUs: the fraction of GPU memory vLLM may use (None = 0.9). The CPU build reads it as the fraction of
+    # RAM that must hold the worker's own memory AND the KV cache (0.9 never fits): there None means a
+    # fixed KV cache of kv_cache_memory_bytes (default 1 GiB) instead.
+    gpu_memory_utilization: float | None = None
+    kv_cache_memory_bytes: int | None = None  # a fixed KV cache size; overrides gpu_memory_utilization
     enforce_eager: bool = False
     cpu_offload_gb: float = 0.0  # asymmetric placement: spill teacher weights to host memory
     quantization: str | None = None
@@ -22,13 +37,22 @@ class VLLMOptions:
     node_rank: int = 0
     master_addr: str | None = None
     master_port: int | None = None
-    extra_engine_args: dict = field(default_factory=dict)
+    # pooling runner: where the output layer runs ("auto" = cuda if available, else cpu)
+    head_device: str = "auto"
+    extra_engine_args: dict = field(default_factory=dict)  # any other AsyncEngineArgs field, verbatim
 
     def __post_init__(self):
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        util = self.gpu_memory_utilization
+        if util is not None and not 0.0 < util <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {util}")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise ValueError(f"kv_cache_memory_bytes must be > 0, got {self.kv_cache_memory_bytes}")
         if self.cpu_offload_gb < 0:
             raise ValueError(f"cpu_offload_gb must be >= 0, got {self.cpu_offload_gb}")
+        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(
+                f"node_rank must be in [0, nnodes), got node_rank={self.node_rank} nnodes={self.nnodes}"
+            )
 
 
 @dataclass
@@ -47,6 +71,11 @@ class ServeConfig:
     max_seq_len: int = 0  # 0 = the model's max_position_embeddings
     max_top_k: int = 256
     max_message_bytes: int = 64 * 1024 * 1024  # gRPC send/receive limit; larger responses are refused
+    max_queue_tokens: int = 0  # also bound the queue by tokens waiting; 0 = by requests only
+    max_inflight_batches: int = 1  # engine batches running at once (vLLM can overlap several)
+    max_stream_inflight: int = 64  # ScoreStream: requests of one stream being worked on at once
+    # ScoreStream: large results are split into messages of about this size (at most max_message_bytes / 2)
+    stream_chunk_bytes: int = 4 * 1024 * 1024
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     seed: int = 0
@@ -65,6 +94,10 @@ class ServeConfig:
             "max_seq_len": self.max_seq_len >= 0,
             "max_top_k": self.max_top_k > 0,
             "max_message_bytes": self.max_message_bytes >= 1024 * 1024,
+            "max_queue_tokens": self.max_queue_tokens >= 0,
+            "max_inflight_batches": self.max_inflight_batches >= 1,
+            "max_stream_inflight": self.max_stream_inflight >= 1,
+            "stream_chunk_bytes": self.stream_chunk_bytes >= 1024,
             "tensor_parallel_size": self.tensor_parallel_size >= 1,
             "pipeline_parallel_size": self.pipeline_parallel_size >= 1,
         }

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from teacher_server.launch import LocalTeacher
+from teacher_server.launch import LocalTeacher, free_port
+
+# The contract suite (test_contract.py) runs once per entry: adding a backend is one line here, e.g.
+#   pytest.param(["--backend", "vllm", "--vllm.gpu-memory-utilization", "0.15"], id="vllm", marks=pytest.mark.vllm),
+CONTRACT_BACKENDS = [
+    pytest.param(["--backend", "hf"], id="hf"),
+]
+# Options every contract server gets: full-vocab top-k allowed; small stream chunks so that splitting shows.
+CONTRACT_SERVE_ARGS = ["--max-top-k", "512", "--stream-chunk-bytes", "65536"]
 
 
 @pytest.fixture(scope="module")
@@ -14,4 +22,27 @@ def hf_teacher(tiny_teacher_dir, tmp_path_factory):
     with LocalTeacher(
         ["--model", str(tiny_teacher_dir), "--backend", "hf", "--max-top-k", "512"], log_path=log
     ) as t:
+        yield t
+
+
+@pytest.fixture(scope="module", params=CONTRACT_BACKENDS)
+def contract_teacher(request, tiny_teacher_dir, tmp_path_factory):
+    """The tiny teacher behind a real server, once per backend of CONTRACT_BACKENDS; metrics on."""
+    backend = request.param[request.param.index("--backend") + 1]
+    log = tmp_path_factory.mktemp("logs") / f"teacher-{backend}.log"
+    metrics_port = free_port()
+    args = ["--model", str(tiny_teacher_dir), *request.param, *CONTRACT_SERVE_ARGS]
+    with LocalTeacher([*args, "--metrics-port", str(metrics_port)], log_path=log) as t:
+        t.metrics_port = metrics_port
+        yield t
+
+
+@pytest.fixture(scope="module")
+def limited_teacher(tiny_teacher_dir, tmp_path_factory):
+    """hf server with tight limits: 1-request queue held 200 ms, 1 MiB messages, 4k-token requests."""
+    log = tmp_path_factory.mktemp("logs") / "teacher-limited.log"
+    args = ["--model", str(tiny_teacher_dir), "--backend", "hf", "--max-top-k", "512"]
+    args += ["--max-queue-requests", "1", "--max-wait-ms", "200", "--max-message-bytes", "1048576"]
+    args += ["--max-request-tokens", "4096"]
+    with LocalTeacher(args, log_path=log) as t:
         yield t

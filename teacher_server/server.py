@@ -1,0 +1,229 @@
+"""`asymkd serve`: the teacher gRPC service (Teacher + health + reflection, Prometheus metrics).
+
+    asymkd serve --model PATH --backend hf --device cpu --dtype float32 --port 50051
+    asymkd serve --config serve.yaml --max-wait-ms 2          # YAML, then flags override it
+    python -m teacher_server.server --help                    # every option (ServeConfig)
+
+Start-up, in order: config -> health NOT_SERVING -> gRPC server listening (health answers NOT_SERVING while
+the model loads) -> backend load + warm-up -> health SERVING. SIGTERM/SIGINT: health NOT_SERVING ->
+in-flight requests finish (at most `drain_timeout_s`) -> backend closed -> exit 0. Exit 2 on a bad config,
+1 when the model cannot be loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from typing import TYPE_CHECKING
+
+import grpc
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from asymkd.configs import ConfigError, describe_fields, load_config
+from asymkd.v1 import teacher_pb2, teacher_pb2_grpc
+from teacher_server.config import ServeConfig
+
+if TYPE_CHECKING:  # torch-importing modules load in serve(): --help and config errors answer at once
+    from teacher_server.backends.base import TeacherBackend
+    from teacher_server.batching import MicroBatcher
+    from teacher_server.servicer import TeacherServicer
+
+log = logging.getLogger("asymkd.teacher")
+SERVICE_NAME = teacher_pb2.DESCRIPTOR.services_by_name["Teacher"].full_name  # "asymkd.v1.Teacher"
+_HEALTH_SERVICES = ("", SERVICE_NAME)
+# Room for the envelope (request_id, tags) on top of a response of exactly max_message_bytes.
+_MESSAGE_MARGIN_BYTES = 64 * 1024
+
+
+def usage() -> str:
+    rows = "\n".join(
+        f"  {flag:<40} {tp:<8} default: {default!r}" for flag, tp, default in describe_fields(ServeConfig)
+    )
+    return (
+        "usage: asymkd serve [--config FILE.yaml] [--key value ...]\n\n"
+        "Run the asymkd teacher gRPC service. Options (YAML keys, or flags that override them):\n"
+        f"  {'--config':<40} {'path':<8} a YAML file of the options below\n{rows}"
+    )
+
+
+def parse_config(argv: list[str]) -> ServeConfig:
+    """`--config FILE` names the YAML; every other flag overrides a ServeConfig field."""
+    yaml_path, overrides, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a file path")
+            yaml_path, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith("--config="):
+            yaml_path = arg.split("=", 1)[1]
+        else:
+            overrides.append(arg)
+        i += 1
+    return load_config(ServeConfig, yaml_path, overrides)
+
+
+class _TeacherFormatter(logging.Formatter):
+    """`[teacher] message`; warnings and errors also say their level: `[teacher] ERROR: message`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno <= logging.INFO else f"{record.levelname}: "
+        return f"[teacher] {level}{super().format(record)}"
+
+
+def _configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_TeacherFormatter("%(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
+
+
+def _configure_server(cfg: ServeConfig, servicer: TeacherServicer, health) -> tuple[grpc.aio.Server, int]:
+    limit = cfg.max_message_bytes + _MESSAGE_MARGIN_BYTES
+    server = grpc.aio.server(
+        options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+    )
+    teacher_pb2_grpc.add_TeacherServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    names = (
+        SERVICE_NAME,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(names, server)
+    try:
+        port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    except RuntimeError as e:  # grpc raises RuntimeError when the address cannot be bound
+        raise OSError(f"cannot listen on {cfg.host}:{cfg.port} ({e})") from None
+    return server, port
+
+
+async def _set_health(health, status) -> None:
+    for name in _HEALTH_SERVICES:
+        await health.set(name, status)
+
+
+def _install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def _load(backend: TeacherBackend, stop: asyncio.Event) -> bool:
+    """Load + warm the backend; False when a stop signal came first (the load is then cancelled)."""
+    load = asyncio.create_task(backend.start())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({load, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if load.done():
+        load.result()  # raises the load error, if any
+        return True
+    load.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await load
+    return False
+
+
+def build_batcher(cfg: ServeConfig, backend: TeacherBackend, metrics) -> MicroBatcher:
+    from teacher_server.batching import MicroBatcher
+
+    return MicroBatcher(
+        backend,
+        max_batch_tokens=cfg.max_batch_tokens,
+        max_wait_ms=cfg.max_wait_ms,
+        max_queue_requests=cfg.max_queue_requests,
+        max_queue_tokens=cfg.max_queue_tokens,
+        max_inflight_batches=cfg.max_inflight_batches,
+        on_batch=metrics.observe_batch,
+        on_queue_depth=metrics.set_queue_depth,
+    )
+
+
+async def serve(cfg: ServeConfig) -> int:
+    """Run the service until SIGTERM/SIGINT; returns the process exit code."""
+    from teacher_server.backends import build_backend
+    from teacher_server.metrics import Metrics
+    from teacher_server.servicer import TeacherServicer
+
+    metrics = Metrics()
+    servicer = TeacherServicer(cfg, metrics)
+    health = health_aio.HealthServicer()
+    await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
+    try:
+        server, port = _configure_server(cfg, servicer, health)
+        if cfg.metrics_port is not None:
+            metrics.serve(cfg.host, cfg.metrics_port)
+    except OSError as e:  # a port in use
+        log.error("%s", e)
+        return 1
+    stop = asyncio.Event()
+    _install_signal_handlers(stop)
+    await server.start()
+    log.info("listening on %s:%d; loading %s (backend %s)", cfg.host, port, cfg.model, cfg.backend)
+    try:
+        backend = build_backend(cfg)
+        ready = await _load(backend, stop)
+    except Exception as e:
+        # A missing folder or a bad option is the operator's to fix: say it in one line, no traceback.
+        if isinstance(e, OSError | ValueError | ImportError):
+            log.error("could not load the teacher model %s: %s", cfg.model, e)
+        else:
+            log.exception("could not load the teacher model %s", cfg.model)
+        await server.stop(grace=None)
+        return 1
+    batcher = build_batcher(cfg, backend, metrics)
+    if ready:
+        await batcher.start()
+        servicer.attach(backend, batcher)
+        await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
+        info = backend.info
+        log.info(
+            "serving %s (%s, vocab %d) on %s:%d", info.model, info.backend, info.vocab_size, cfg.host, port
+        )
+        await stop.wait()
+    await _drain(cfg, server, health, servicer, batcher, backend)
+    return 0
+
+
+async def _drain(
+    cfg: ServeConfig,
+    server: grpc.aio.Server,
+    health,
+    servicer: TeacherServicer,
+    batcher: MicroBatcher,
+    backend: TeacherBackend,
+) -> None:
+    """Health NOT_SERVING, let in-flight Teacher calls finish, then stop the server and the engine."""
+    log.info("stopping: draining in-flight requests (at most %.0f s)", cfg.drain_timeout_s)
+    await health.enter_graceful_shutdown()  # every service NOT_SERVING, and it stays so
+    if not await servicer.drain(cfg.drain_timeout_s):
+        log.warning("drain timeout (%.0f s): cancelling the calls still in flight", cfg.drain_timeout_s)
+    # A short grace for what is not a Teacher call (health watchers, reflection), then cancel.
+    await server.stop(grace=1.0)
+    await batcher.close()
+    await backend.close()
+    log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        print(usage())
+        return 0
+    try:
+        cfg = parse_config(argv)
+    except (ConfigError, OSError, yaml.YAMLError) as e:
+        print(f"asymkd serve: error: {e}\n(`asymkd serve --help` lists the options)", file=sys.stderr)
+        return 2
+    _configure_logging(cfg.log_level)
+    return asyncio.run(serve(cfg))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""The `asymkd.v1.Teacher` gRPC servicer: converts proto <-> engine types and maps errors to status codes.
+
+Nothing here computes a teacher signal: requests are validated (validation.py), scored through the
+micro-batcher (batching.py) or the backend's generate, and encoded with the wire codec.
+
+Status codes: a RequestError keeps its own code; a ValueError from the engine -> INVALID_ARGUMENT; a known
+signal the backend lacks (UnsupportedSignal / NotImplementedError) -> UNIMPLEMENTED; anything else is
+logged with its traceback -> INTERNAL. A client that goes away cancels its work and is logged at DEBUG.
+
+ScoreStream: requests are read as they arrive and worked on concurrently (at most `max_stream_inflight`
+per stream, unsent results included; reading pauses beyond it, which back-pressures the client). Responses
+carry the request_id they answer and may arrive out of order; a result larger than `stream_chunk_bytes` is
+split by rows over several ScoreResponses (each SequenceScores names its `sequence_index` and `first_row`;
+`last` is set on the final response of a request). A stream has one status, so a bad request on it (or a
+full queue) ends the whole stream with that request's status, its details starting with
+`request 'ID': field: ...`; responses already sent stay valid, requests still in flight get no answer.
+request_id must be non-empty and unique among a stream's in-flight requests. While the server drains
+(SIGTERM) a stream takes no new request and ends with UNAVAILABLE once every request it took is answered,
+so a long-lived stream neither holds the shutdown up nor loses a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import grpc
+
+from asymkd.v1 import teacher_pb2 as pb
+from asymkd.v1 import teacher_pb2_grpc
+from teacher_server.backends.base import (
+    GenerateChunk,
+    ScoreParams,
+    SeqScores,
+    TeacherBackend,
+    UnsupportedSignal,
+)
+from teacher_server.batching import MicroBatcher
+from teacher_server.config import ServeConfig
+from teacher_server.metrics import Metrics
+from teacher_server.validation import (
+    Limits,
+    RequestError,
+    check_response_size,
+    estimate_response_bytes,
+    invalid,
+    parse_generate_request,
+    parse_score_request,
+)
+from teacher_server.wire import WireError, to_proto
+
+log = logging.getLogger("asymkd.teacher.servicer")
+
+
+def status_of(exc: BaseException, rpc: str) -> tuple[grpc.StatusCode, str]:
+    """Map an exception raised while serving `rpc` to (status code, details)."""
+    if isinstance(exc, RequestError):
+        return exc.code, str(exc)
+    if isinstance(exc, UnsupportedSignal | NotImplementedError):
+        return grpc.StatusCode.UNIMPLEMENTED, str(exc) or "not implemented by this teacher"
+    if isinstance(exc, WireError | ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    log.error("%s failed unexpectedly", rpc, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"teacher error ({type(exc).__name__}: {exc}); see the server log"
+
+
+def scores_to_proto(s: SeqScores, sequence_index: int, rows: slice | None = None) -> pb.SequenceScores:
+    """One sequence's result (or the `rows` slice of it) as a SequenceScores message."""
+    tensors = {n: to_proto(t if rows is None else t[rows]) for n, t in s.tensors().items()}
+    first_row = 0 if rows is None else rows.start
+    return pb.SequenceScores(sequence_index=sequence_index, first_row=first_row, **tensors)
+
+
+def split_results(scores: list[SeqScores], chunk_bytes: int) -> Iterator[list[pb.SequenceScores]]:
+    """Pack results into groups of about `chunk_bytes` each; a large result is cut by rows (>= 1 row)."""
+    group: list[pb.SequenceScores] = []
+    group_bytes = 0
+    for i, s in enumerate(scores):
+        rows = _num_rows(s)
+        per_row = max(1, s.nbytes() // max(rows, 1))
+        step = max(1, chunk_bytes // per_row)
+        for start in range(0, max(rows, 1), step):
+            stop = min(start + step, rows)
+            piece_bytes = (stop - start) * per_row
+            if group and group_bytes + piece_bytes > chunk_bytes:
+                yield group
+                group, group_bytes = [], 0
+            group.append(scores_to_proto(s, i, slice(start, stop)))
+            group_bytes += piece_bytes
+    if group:
+        yield group
+
+
+def _num_rows(s: SeqScores) -> int:
+    return next(iter(s.tensors().values())).shape[0] if s.tensors() else 0
+
+
+def chunk_to_proto(request_id: str, c: GenerateChunk) -> pb.GenerateResponse:
+    msg = pb.GenerateResponse(
+        request_id=request_id,
+        prompt_index=c.prompt_index,
+        sample_index=c.sample_index,
+        token_ids=c.token_ids,
+        logprobs=to_proto(c.logprobs),
+        finished=c.finished,
+        finish_reason=c.finish_reason,
+    )
+    if c.top_ids is not None:
+        msg.top_ids.CopyFrom(to_proto(c.top_ids))
+        msg.top_logprobs.CopyFrom(to_proto(c.top_logprobs))
+    return msg
+
+
+class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
+    """Serves one backend; answers UNAVAILABLE until `attach` (the model is loaded and warm)."""
+
+    def __init__(self, cfg: ServeConfig, metrics: Metrics | None = None):
+        self.cfg = cfg
+        self.metrics = metrics or Metrics()
+        self.backend: TeacherBackend | None = None
+        self.batcher: MicroBatcher | None = None
+        self.limits: Limits | None = None
+        self.chunk_bytes = min(cfg.stream_chunk_bytes, cfg.max_message_bytes // 2)
+        self.draining = False
+        self._sessions: set[_StreamSession] = set()
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def attach(self, backend: TeacherBackend, batcher: MicroBatcher) -> None:
+        self.limits = Limits.from_info(backend.info, self.cfg.max_request_tokens)
+        self.backend, self.batcher = backend, batcher
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuse new calls (UNAVAILABLE) and wait for those in flight; False if some outlived the timeout.
+
+        Health watchers and reflection calls are not waited for: only Teacher RPCs count.
+        """
+        self.draining = True
+        for session in self._sessions:  # open streams end once their requests are answered
+            session.out.put_nowait(_DRAIN)
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            return True
+        except TimeoutError:
+            return False
+
+    def _ready(self) -> tuple[TeacherBackend, MicroBatcher, Limits]:
+        if self.draining:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "", "teacher is shutting down; retry elsewhere")
+        if self.backend is None or self.batcher is None or self.limits is None:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "", "teacher is loading its model; retry shortly")
+        return self.backend, self.batcher, self.limits
+
+    @contextlib.asynccontextmanager
+    async def _call(self, rpc: str, context: grpc.aio.ServicerContext, record: bool = True):
+        """Time the call, and turn any exception into the right status (see the module docstring)."""
+        t0, code = time.perf_counter(), "OK"
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        except (asyncio.CancelledError, GeneratorExit):
+            code = "CANCELLED"
+            log.debug("%s cancelled (client gone or server stopping)", rpc)
+            raise
+        except grpc.aio.AbortError:
+            code = "ABORTED"
+            raise
+        except Exception as e:
+            status, details = status_of(e, rpc)
+            code = status.name
+            await context.abort(status, details)
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+            if record:
+                self.metrics.observe_request(rpc, code, time.perf_counter() - t0)
+
+    async def GetInfo(self, request: pb.GetInfoRequest, context) -> pb.TeacherInfo:
+        async with self._call("GetInfo", context):
+            backend, _, limits = self._ready()
+            i = backend.info
+            return pb.TeacherInfo(
+                model=i.model,
+                backend=i.backend,
+                vocab_size=i.vocab_size,
+                hidden_size=i.hidden_size,
+                max_seq_len=i.max_seq_len,
+                max_top_k=limits.max_top_k,
+                tokenizer_hash=i.tokenizer_hash,
+                tensor_parallel_size=i.tensor_parallel_size,
+                pipeline_parallel_size=i.pipeline_parallel_size,
+                signals=[int(s) for s in i.signals],
+                dtype=i.dtype,
+                max_request_tokens=self.cfg.max_request_tokens,
+                max_message_bytes=self.cfg.max_message_bytes,
+                eos_token_ids=list(i.eos_token_ids),
+                tokenizer_vocab_size=i.tokenizer_vocab_size,
+            )
+
+    async def _score(
+        self, request: pb.ScoreRequest, max_bytes: int | None
+    ) -> tuple[ScoreParams, list[SeqScores]]:
+        """Validate and score one request; `max_bytes` refuses a result that cannot travel (unary)."""
+        _, batcher, limits = self._ready()
+        items, params = parse_score_request(request, limits)
+        if max_bytes is not None:
+            check_response_size(estimate_response_bytes(items, params, limits), max_bytes, params)
+        return params, await batcher.submit(items, params)
+
+    async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
+        async with self._call("Score", context):
+            params, scores = await self._score(request, self.cfg.max_message_bytes)
+            response = pb.ScoreResponse(
+                request_id=request.request_id,
+                results=[scores_to_proto(s, i) for i, s in enumerate(scores)],
+                last=True,
+            )
+            # The estimate was checked before scoring; this catches what it could not know.
+            check_response_size(response.ByteSize(), self.cfg.max_message_bytes, params)
+            return response
+
+    async def ScoreStream(self, request_iterator, context) -> AsyncIterator[pb.ScoreResponse]:
+        # Per-request metrics are recorded by the session; the stream itself is not timed.
+        async with self._call("ScoreStream", context, record=False):
+            self._ready()
+            session = _StreamSession(self, request_iterator)
+            async for response in session.responses():
+                yield response
+
+    async def score_one_streamed(self, request: pb.ScoreRequest) -> list[pb.ScoreResponse]:
+        """Score one request of a stream and encode its result as one or more ScoreResponses."""
+        _, scores = await self._score(request, None)
+        rid = request.request_id
+        out = [pb.ScoreResponse(request_id=rid, results=g) for g in split_results(scores, self.chunk_bytes)]
+        out[-1].last = True
+        return out
+
+    async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
+        async with self._call("Generate", context):
+            backend, _, limits = self._ready()
+            prompts, params = parse_generate_request(request, limits)
+            chunks = backend.generate(prompts, params)
+            # aclosing: a client that goes away closes the backend's generator, which stops its work.
+            async with _aclosing(chunks):
+                async for chunk in chunks:
+                    self.metrics.tokens_generated.inc(len(chunk.token_ids))
+                    yield chunk_to_proto(request.request_id, chunk)
+
+
+@contextlib.asynccontextmanager
+async def _aclosing(it):
+    try:
+        yield it
+    finally:
+        aclose = getattr(it, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+_END = object()  # the client closed its side and every request was answered
+_DRAIN = object()  # the server is draining: finish what is in flight, accept nothing new
+
+
+class _StreamSession:
+    """One ScoreStream call: a reader task submits requests as they arrive; results are yielded as ready."""
+
+    def __init__(self, servicer: TeacherServicer, requests: AsyncIterator[pb.ScoreRequest]):
+        self.servicer = servicer
+        self.requests = requests
+        self.out: asyncio.Queue = asyncio.Queue()
+        self.slots = asyncio.Semaphore(servicer.cfg.max_stream_inflight)
+        self.in_flight: set[str] = set()  # request ids not fully answered yet
+        self.tasks: set[asyncio.Task] = set()
+        self.draining = False
+
+    async def responses(self) -> AsyncIterator[pb.ScoreResponse]:
+        reader = asyncio.create_task(self._read())
+        self.servicer._sessions.add(self)
+        try:
+            while True:
+                if self.draining and not self.in_flight:
+                    raise _shutting_down("reconnect to another replica (every request sent was answered)")
+                item = await self.out.get()
+                if item is _END:
+                    return
+                if item is _DRAIN:
+                    self.draining = True
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.last:
+                    self.in_flight.discard(item.request_id)
+                    self.slots.release()
+        finally:
+            self.servicer._sessions.discard(self)
+            reader.cancel()
+            for t in list(self.tasks):
+                t.cancel()
+
+    async def _read(self) -> None:
+        try:
+            async for request in self.requests:
+                await self.slots.acquire()
+                rid = request.request_id
+                if self.servicer.draining:
+                    raise _shutting_down(f"request {rid!r} was not started; send it to another replica")
+                if not rid:
+                    raise invalid("request_id", "required on ScoreStream (responses are matched by it)")
+                if rid in self.in_flight:
+                    raise invalid("request_id", f"{rid!r} is already in flight on this stream")
+                self.in_flight.add(rid)
+                task = asyncio.create_task(self._handle(request))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+            while self.tasks:
+                await asyncio.gather(*list(self.tasks), return_exceptions=True)
+            self.out.put_nowait(_END)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.out.put_nowait(e)
+
+    async def _handle(self, request: pb.ScoreRequest) -> None:
+        """Score one request; its responses (or its error) go to the out queue."""
+        t0, code = time.perf_counter(), "OK"
+        try:
+            for response in await self.servicer.score_one_streamed(request):
+                self.out.put_nowait(response)
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception as e:
+            status, details = status_of(e, "ScoreStream")
+            code = status.name
+            self.out.put_nowait(RequestError(status, "", f"request {request.request_id!r}: {details}"))
+        finally:
+            self.servicer.metrics.observe_request("ScoreStream", code, time.perf_counter() - t0)
+
+
+def _shutting_down(what: str) -> RequestError:
+    return RequestError(grpc.StatusCode.UNAVAILABLE, "", f"teacher is shutting down; {what}")
