@@ -6,6 +6,8 @@ micro-batcher (batching.py) or the backend's generate, and encoded with the wire
 Status codes: a RequestError keeps its own code; a ValueError from the engine -> INVALID_ARGUMENT; a known
 signal the backend lacks (UnsupportedSignal / NotImplementedError) -> UNIMPLEMENTED; anything else is
 logged with its traceback -> INTERNAL. A client that goes away cancels its work and is logged at DEBUG.
+A refusal no retry can fix (request over --max-request-tokens, response over the message limit) also sets
+the trailing metadata ("asymkd-retryable", "false"); a full queue does not (it is worth retrying).
 
 ScoreStream: requests are read as they arrive and worked on concurrently (at most `max_stream_inflight`
 per stream, unsent results included; reading pauses beyond it, which back-pressures the client). Responses
@@ -173,6 +175,8 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
         except Exception as e:
             status, details = status_of(e, rpc)
             code = status.name
+            if isinstance(e, RequestError) and e.trailing_metadata():
+                context.set_trailing_metadata(e.trailing_metadata())
             await context.abort(status, details)
         finally:
             self._in_flight -= 1
@@ -339,7 +343,9 @@ class _StreamSession:
         except Exception as e:
             status, details = status_of(e, "ScoreStream")
             code = status.name
-            self.out.put_nowait(RequestError(status, "", f"request {request.request_id!r}: {details}"))
+            retryable = e.retryable if isinstance(e, RequestError) else None
+            message = f"request {request.request_id!r}: {details}"
+            self.out.put_nowait(RequestError(status, "", message, retryable=retryable))
         finally:
             self.servicer.metrics.observe_request("ScoreStream", code, time.perf_counter() - t0)
 

@@ -26,16 +26,26 @@ MIN_TEMPERATURE = 1e-6
 # Per-message overhead on top of the tensor bytes (tags, lengths, shapes, request_id), generous on purpose.
 _OVERHEAD_PER_SEQUENCE = 256
 SPLIT_ADVICE = "send fewer/shorter sequences or split them over several requests on ScoreStream"
+# Trailing-metadata key of a refusal that no retry can fix (the request or its response is too big), so that
+# a client tells it from a full queue (same RESOURCE_EXHAUSTED, retryable) without parsing the details.
+RETRYABLE_METADATA_KEY = "asymkd-retryable"
 
 
 class RequestError(Exception):
-    """A caller's mistake (or a refusal the caller can act on), mapped by the servicer to `code`."""
+    """A caller's mistake (or a refusal the caller can act on), mapped by the servicer to `code`.
 
-    def __init__(self, code: grpc.StatusCode, field: str, message: str):
+    `retryable=False` marks a refusal that would recur on any replica: the status then carries the trailing
+    metadata `("asymkd-retryable", "false")`. None (the default) sends nothing: the code decides."""
+
+    def __init__(self, code: grpc.StatusCode, field: str, message: str, *, retryable: bool | None = None):
         super().__init__(f"{field}: {message}" if field else message)
         self.code = code
         self.field = field
         self.message = message
+        self.retryable = retryable
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((RETRYABLE_METADATA_KEY, "false"),) if self.retryable is False else ()
 
 
 def invalid(field: str, message: str) -> RequestError:
@@ -133,6 +143,7 @@ def _check_budget(total_tokens: int, limits: Limits, what: str) -> None:
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             "sequences" if what == "score" else "prompts",
             f"{total_tokens} tokens exceed --max-request-tokens {limits.max_request_tokens}; {SPLIT_ADVICE}",
+            retryable=False,
         )
 
 
@@ -237,6 +248,7 @@ def check_response_size(nbytes: int, max_message_bytes: int, params: ScoreParams
         f"the response would be {nbytes} bytes, over the message limit of {max_message_bytes} bytes; "
         f"{hint}send fewer rows (shorter sequences, a later score_from) or use ScoreStream, which splits "
         "large results over several messages",
+        retryable=False,
     )
 
 

@@ -386,6 +386,7 @@ def test_response_over_the_message_limit_is_resource_exhausted_but_streams(limit
         limited.Score(req, timeout=TIMEOUT_S)
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "1048576" in e.value.details() and "ScoreStream" in e.value.details()
+    assert ("asymkd-retryable", "false") in e.value.trailing_metadata()
     responses = list(limited.ScoreStream(iter([req]), timeout=TIMEOUT_S))
     assert [t.shape[0] for t in reassemble(responses, "full", 4)] == [199] * 4
 
@@ -398,12 +399,17 @@ def test_request_over_the_message_limit_is_resource_exhausted(limited):
         limited.Score(request(*[[1] * 500] * 9), timeout=TIMEOUT_S)
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "4500 tokens exceed --max-request-tokens 4096" in e.value.details()
+    assert ("asymkd-retryable", "false") in e.value.trailing_metadata()  # no retry can fix it
+    with pytest.raises(grpc.RpcError) as e:
+        list(limited.ScoreStream(iter([request(*[[1] * 500] * 9, rid="big")]), timeout=TIMEOUT_S))
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert ("asymkd-retryable", "false") in e.value.trailing_metadata()
     still_serving(limited)
 
 
 def test_full_queue_is_resource_exhausted_at_once(limited):
     futures = [limited.Score.future(request(rand_ids(8, i)), timeout=TIMEOUT_S) for i in range(6)]
-    codes, details = [], []
+    codes, details, trailing = [], [], []
     for f in futures:
         try:
             f.result()
@@ -411,8 +417,10 @@ def test_full_queue_is_resource_exhausted_at_once(limited):
         except grpc.RpcError as e:
             codes.append(e.code().name)
             details.append(e.details())
+            trailing += [key for key, _ in e.trailing_metadata()]
     assert "OK" in codes and "RESOURCE_EXHAUSTED" in codes, codes
     assert all("teacher queue full" in d and "retry with backoff" in d for d in details)
+    assert "asymkd-retryable" not in trailing  # a full queue is worth retrying
     still_serving(limited)
 
 

@@ -1,0 +1,240 @@
+"""TeacherClient / AsyncTeacherClient against real teacher servers (hf backend, tiny Llama) on loopback.
+
+Two module-scoped replicas expose Prometheus metrics, so balancing and "no retry" are observed on the
+servers themselves; failover kills a third replica of its own mid-stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import urllib.request
+
+import pytest
+import torch
+
+from teacher_server.backends.base import Signal
+from teacher_server.client import (
+    AsyncTeacherClient,
+    InvalidRequestError,
+    ScoreQuery,
+    TeacherClient,
+    TeacherTimeoutError,
+)
+from teacher_server.launch import LocalTeacher, free_port
+
+SERVE = ["--backend", "hf", "--max-top-k", "512", "--max-wait-ms", "1"]
+
+
+class Replica:
+    """A LocalTeacher with its Prometheus port, to count the RPCs it answered."""
+
+    def __init__(self, model_dir, log_path, *extra: str):
+        self.metrics_port = free_port()
+        args = ["--model", str(model_dir), *SERVE, *extra, "--metrics-port", str(self.metrics_port)]
+        self.teacher = LocalTeacher(args, log_path=log_path)
+
+    def count(self, rpc: str, code: str = "OK") -> int:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read()
+        pattern = rf'asymkd_teacher_requests_total\{{code="{code}",rpc="{rpc}"\}} (\S+)'
+        m = re.search(pattern, text.decode())
+        return int(float(m.group(1))) if m else 0
+
+
+@pytest.fixture(scope="module")
+def replicas(tiny_teacher_dir, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("client_logs")
+    pair = [Replica(tiny_teacher_dir, logs / f"replica{i}.log") for i in range(2)]
+    try:
+        for r in pair:
+            r.teacher.start()
+        yield pair
+    finally:
+        for r in pair:
+            r.teacher.stop()
+
+
+@pytest.fixture(scope="module")
+def client(replicas):
+    with TeacherClient([r.teacher.address for r in replicas], timeout_s=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_teacher_dir):
+    """log_softmax(logits / T) of an in-process transformers forward: (L,) ids -> (L-1, V)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir, dtype=torch.float32).eval()
+
+    def logprobs(ids: list[int], temperature: float = 1.0) -> torch.Tensor:
+        with torch.inference_mode():
+            logits = model(torch.tensor([ids])).logits[0, :-1].float()
+        return torch.log_softmax(logits / temperature, dim=-1)
+
+    return logprobs
+
+
+def _seqs(n: int, vocab: int = 512, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randint(0, vocab, (int(torch.randint(2, 40, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(n)
+    ]
+
+
+def _target(reference, seq: list[int]) -> torch.Tensor:
+    """(L-1,) reference logprob of each actual next token."""
+    return reference(seq).gather(-1, torch.tensor(seq[1:])[:, None])[:, 0]
+
+
+def test_info(client, tiny_teacher_dir):
+    info = client.info()
+    assert info.backend == "hf" and info.vocab_size == 512 and info.max_top_k == 512
+    assert Signal.TOP_K in info.signals and Signal.FULL in info.signals
+
+
+def test_top_k_matches_transformers(client, reference):
+    seqs = [_seqs(1, seed=1)[0] + [5, 6, 7], [3, 1, 4, 1, 5, 9, 2, 6]]
+    for temperature in (1.0, 0.7):
+        results = client.score(seqs, score_from=[2, 0], top_k=16, temperature=temperature)
+        for seq, sf, res in zip(seqs, [2, 0], results, strict=True):
+            lp = reference(seq, temperature)[sf:]
+            top_lp, top_ids = lp.topk(16, dim=-1)
+            assert res.ids.dtype == torch.int64 and torch.equal(res.ids, top_ids)
+            torch.testing.assert_close(res.logprobs, top_lp, atol=1e-4, rtol=0)
+            tail = torch.logsumexp(lp.scatter(-1, top_ids, float("-inf")), dim=-1)
+            torch.testing.assert_close(res.tail_logprob, tail, atol=1e-4, rtol=0)
+            target = lp.gather(-1, torch.tensor(seq[sf + 1 :])[:, None])[:, 0]
+            torch.testing.assert_close(res.target_logprob, target, atol=1e-4, rtol=0)
+
+
+def test_full_and_target_only(client, reference):
+    seq = [10, 20, 30, 40, 50, 60]
+    (full,) = client.score([seq], signal="full", score_from=1)
+    assert full.full.shape == (4, 512) and full.ids is None
+    torch.testing.assert_close(full.full, reference(seq)[1:], atol=1e-4, rtol=0)
+    torch.testing.assert_close(full.full.exp().sum(-1), torch.ones(4), atol=1e-5, rtol=0)
+    (tgt,) = client.score([seq], signal=Signal.TARGET_ONLY, value_dtype=torch.bfloat16)
+    assert tgt.target_logprob.dtype == torch.bfloat16 and tgt.target_logprob.shape == (5,)
+    assert tgt.ids is None and tgt.logprobs is None and tgt.full is None
+    torch.testing.assert_close(tgt.target_logprob.float(), _target(reference, seq), atol=5e-2, rtol=0)
+
+
+def test_score_stream_yields_20_results_in_order(client, reference):
+    seqs = _seqs(20, seed=2)
+    queries = [ScoreQuery([s], signal="target_only") if i % 2 else [s] for i, s in enumerate(seqs)]
+    results = list(client.score_stream(iter(queries), max_in_flight=4, top_k=8))
+    assert len(results) == 20
+    for i, (seq, (res,)) in enumerate(zip(seqs, results, strict=True)):
+        assert res.num_rows == len(seq) - 1
+        assert (res.ids is None) == bool(i % 2)  # odd ones asked for TARGET_ONLY: proves the order
+        torch.testing.assert_close(res.target_logprob, _target(reference, seq), atol=1e-4, rtol=0)
+
+
+def test_score_stream_unordered_and_large_full_results_split(client, reference):
+    seq = list(range(1, 301))  # FULL: 299 rows x 512 x 4 bytes = 612 kB, more than one stream chunk
+    out = dict(client.score_stream([[[1, 2, 3]], [seq]], ordered=False, signal="full"))
+    assert sorted(out) == [0, 1]
+    torch.testing.assert_close(out[1][0].full, reference(seq), atol=1e-4, rtol=0)
+
+
+def test_generate(client, reference):
+    prompt = [5, 6, 7, 8]
+    (samples,) = client.generate(
+        [prompt], max_new_tokens=6, greedy=True, top_k_logprobs=3, stop_token_ids=[511]
+    )
+    (s,) = samples
+    assert 1 <= s.token_ids.numel() <= 6 and s.finish_reason in ("length", "stop")
+    assert s.logprobs.shape == s.token_ids.shape and s.top_ids.shape == (s.token_ids.numel(), 3)
+    ref = reference([*prompt, *s.token_ids.tolist()])[len(prompt) - 1 :]
+    assert torch.equal(s.token_ids, ref.argmax(-1)[: s.token_ids.numel()])  # greedy = teacher argmax
+    assert torch.equal(s.top_ids[:, 0], s.token_ids)
+    many = client.generate([prompt, [9, 10]], max_new_tokens=3, n=2, seed=1)
+    assert [len(row) for row in many] == [2, 2]
+    chunks = list(client.generate_stream([prompt], max_new_tokens=3, seed=1))
+    assert chunks[-1].finished and sum(len(c.token_ids) for c in chunks) <= 3
+
+
+def test_requests_are_balanced_over_both_replicas(client, replicas):
+    before = [r.count("Score") for r in replicas]
+    for _ in range(6):
+        client.score([[1, 2, 3, 4]], top_k=4)
+    after = [r.count("Score") for r in replicas]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [3, 3]  # sequential calls: round-robin
+
+
+def test_invalid_argument_names_the_field_and_is_not_retried(client, replicas):
+    before = sum(r.count("Score", "INVALID_ARGUMENT") for r in replicas)
+    with pytest.raises(InvalidRequestError, match=r"sequences\[1\]\.token_ids\[2\].*vocab_size") as e:
+        client.score([[1, 2], [1, 2, 512]], top_k=4)
+    assert e.value.code.name == "INVALID_ARGUMENT"
+    assert sum(r.count("Score", "INVALID_ARGUMENT") for r in replicas) == before + 1
+    with pytest.raises(InvalidRequestError, match="top_k"):
+        client.score([[1, 2]], top_k=100_000)
+    with pytest.raises(InvalidRequestError, match=r"sequences\[0\]\.token_ids\[1\]"):
+        list(client.score_stream([[[1, 2]], [[1, 600]], [[3, 4]]], max_in_flight=2, top_k=4))
+    assert client.score([[1, 2]], top_k=4)[0].num_rows == 1  # the servers keep serving
+
+
+def test_deadline_exceeded_raises(replicas):
+    seqs = [list(range(1, 400))] * 16
+    with TeacherClient([replicas[0].teacher.address], timeout_s=0.001) as c:
+        with pytest.raises(TeacherTimeoutError):
+            c.score(seqs, signal="full")
+        with pytest.raises(TeacherTimeoutError, match="unanswered"):
+            list(c.score_stream([seqs], signal="full"))
+
+
+def test_async_client_score_and_stream(replicas, client):
+    seqs = _seqs(10, seed=3)
+    expected = [r.target_logprob for r in client.score(seqs, top_k=8)]
+
+    async def main():
+        async with AsyncTeacherClient([r.teacher.address for r in replicas]) as ac:
+            info = await ac.info()
+            unary = await ac.score(seqs, top_k=8)
+
+            async def queries():
+                for s in seqs:
+                    yield [s]
+
+            streamed = [res async for (res,) in ac.score_stream(queries(), max_in_flight=3, top_k=8)]
+            return info, unary, streamed
+
+    info, unary, streamed = asyncio.run(main())
+    assert info.vocab_size == 512
+    for e, u, s in zip(expected, unary, streamed, strict=True):  # batch composition moves the last bits
+        torch.testing.assert_close(u.target_logprob, e, atol=1e-5, rtol=0)
+        torch.testing.assert_close(s.target_logprob, e, atol=1e-5, rtol=0)
+
+
+def test_failover_when_a_replica_dies(replicas, tiny_teacher_dir, tmp_path, reference, caplog):
+    # The doomed replica holds each batch for 3 s, so the requests it has been sent are surely unanswered
+    # when it is killed: they must be resent to the survivor, answered once, and yielded in order.
+    doomed = Replica(tiny_teacher_dir, tmp_path / "doomed.log", "--max-wait-ms", "3000")
+    doomed.teacher.start()
+    try:
+        seqs = _seqs(24, seed=4)
+
+        def queries():
+            for i, s in enumerate(seqs):
+                if i == 5:  # requests 0..4 are out, 0, 2, 4 on the doomed replica (index 0 of the client)
+                    doomed.teacher.kill()
+                yield [s]
+
+        with TeacherClient([doomed.teacher.address, replicas[0].teacher.address], cooldown_s=60) as c:
+            results = [res for (res,) in c.score_stream(queries(), max_in_flight=6, signal="target_only")]
+            assert "resending 3 requests" in caplog.text
+            assert len(results) == len(seqs)
+            for seq, res in zip(seqs, results, strict=True):
+                torch.testing.assert_close(res.target_logprob, _target(reference, seq), atol=1e-4, rtol=0)
+            for _ in range(4):  # unary calls keep succeeding through the survivor
+                assert c.score([[1, 2, 3]], top_k=2)[0].ids.shape == (2, 2)
+        # a fresh client does not know the first address is dead: each call fails over on UNAVAILABLE
+        with TeacherClient([doomed.teacher.address, replicas[0].teacher.address]) as c:
+            for _ in range(3):
+                assert c.score([[1, 2, 3]], top_k=2)[0].ids.shape == (2, 2)
+            assert c.info().vocab_size == 512
+    finally:
+        doomed.teacher.stop()
