@@ -10,6 +10,24 @@ from teacher_server.launch import LocalTeacher, free_port
 #   pytest.param(["--backend", "vllm", "--vllm.gpu-memory-utilization", "0.15"], id="vllm", marks=pytest.mark.vllm),
 CONTRACT_BACKENDS = [
     pytest.param(["--backend", "hf"], id="hf"),
+    pytest.param(
+        [
+            "--backend",
+            "vllm",
+            "--vllm.runner",
+            "both",
+            "--vllm.kv-cache-memory-bytes",
+            "67108864",
+            "--vllm.enforce-eager",
+        ],
+        id="vllm",
+        marks=[
+            pytest.mark.vllm,
+            pytest.mark.skipif(
+                __import__("importlib.util").util.find_spec("vllm") is None, reason="vLLM is not installed"
+            ),
+        ],
+    ),
 ]
 # Options every contract server gets: full-vocab top-k allowed; small stream chunks so that splitting shows.
 CONTRACT_SERVE_ARGS = ["--max-top-k", "512", "--stream-chunk-bytes", "65536"]
