@@ -1,17 +1,29 @@
 """Teacher signals from raw logits, exactly: temperature, log-softmax, top-k with the exact tail mass.
 
 Shared by every backend that can see logits (transformers directly; vLLM through hidden states + the
-output layer). All math runs in float32 (float64 when the logits are float64) in row chunks, so at most
-`chunk_rows × V` floats are live beyond the input.
+output layer):
+
+    out = scores_from_hidden(rows, item, params, head_logits, item_generator(item, seed))
+
+All math runs in float32 (float64 when the logits are float64) in row chunks, so at most
+`CHUNK_ROWS × V` floats are live beyond the input.
 """
 
 from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
 from teacher_server.backends.base import ScoreItem, ScoreParams, SeqScores, Signal
 
 CHUNK_ROWS = 512
+# tail_logprob sums exp(log-probs) through one scratch buffer of at most this size: a fresh (R, V) temporary
+# (100 MB at 512 × 49k) is mmap'd and page-faulted on every call, which costs more than the exp and the sum;
+# 16 MiB stays under glibc's largest mmap threshold (32 MiB), so the buffer's pages are reused.
+_TAIL_BLOCK_BYTES = 16 << 20
 
 
 def log_softmax_at_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -25,12 +37,39 @@ def log_softmax_at_temperature(logits: torch.Tensor, temperature: float) -> torc
 def topk_with_tail(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(R, V) log-probs -> ids (R, k) descending, their log-probs (R, k), tail log-mass (R,).
 
-    The tail is log Σ_{v ∉ top-k} p_v computed as a masked logsumexp (not log(1 - Σ top-k), which loses all
-    precision when the top-k holds nearly all the mass); it is -inf when k = V.
+    The tail is log Σ_{v ∉ top-k} p_v summed over the rest (not log(1 - Σ top-k), which loses all precision
+    when the top-k holds nearly all the mass); it is -inf when k = V.
     """
     top_lp, top_ids = torch.topk(logprobs, k, dim=-1, largest=True, sorted=True)
-    rest = logprobs.scatter(-1, top_ids, float("-inf"))
-    return top_ids, top_lp, torch.logsumexp(rest, dim=-1)
+    return top_ids, top_lp, tail_logprob(logprobs, top_ids)
+
+
+def tail_logprob(logprobs: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
+    """(R, V) log-probs, (R, k) ids -> (R,) log Σ_{v ∉ exclude} p_v, as exact as a masked logsumexp.
+
+    The log-probs are normalized (every p_v <= 1), so the mass is a plain Σ exp(log p_v) over the rest,
+    summed in row blocks through one scratch buffer. That sum is exact unless terms underflow: the terms
+    below finfo.tiny add up to at most V × tiny, which is below eps × mass while the mass stays above
+    V × tiny / eps (~5e-27 for float32 at V = 49k). Rows under that floor (the rest has underflowed, or
+    k = V) take the masked logsumexp, which shifts by the row's maximum first.
+    """
+    rows, vocab = logprobs.shape
+    mass = logprobs.new_empty(rows)
+    block = max(1, _TAIL_BLOCK_BYTES // max(vocab * logprobs.element_size(), 1))
+    scratch = logprobs.new_empty(min(block, rows), vocab)
+    for a in range(0, rows, block):
+        b = min(a + block, rows)
+        part = scratch[: b - a]
+        torch.exp(logprobs[a:b], out=part)
+        part.scatter_(-1, exclude[a:b], 0.0)
+        torch.sum(part, dim=-1, out=mass[a:b])
+    tail = mass.log()
+    info = torch.finfo(logprobs.dtype)
+    low = (mass < vocab * info.tiny / info.eps).nonzero()[:, 0]
+    if low.numel():
+        rest = logprobs[low].scatter(-1, exclude[low], float("-inf"))
+        tail[low] = torch.logsumexp(rest, dim=-1)
+    return tail
 
 
 def sample_counts(
@@ -78,6 +117,53 @@ def scores_from_logits(
         full=res["full"].to(vd) if "full" in res else None,
         counts=res["counts"].to(torch.int32) if "counts" in res else None,
     )
+
+
+def scores_from_hidden(
+    hidden: torch.Tensor,
+    item: ScoreItem,
+    params: ScoreParams,
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    generator: torch.Generator | None = None,
+) -> SeqScores:
+    """Signal for one item from its (R, H) final hidden rows (row r predicts item.targets[r]).
+
+    `logits_fn` is the output layer, (N, H) -> (N, V); it runs on CHUNK_ROWS rows at a time, so at most
+    CHUNK_ROWS × V logits are live. HIDDEN returns the rows themselves (with the target log-probs).
+    """
+    logit_params = replace(params, signal=Signal.TARGET_ONLY) if params.signal == Signal.HIDDEN else params
+    parts = []
+    for a in range(0, hidden.shape[0], CHUNK_ROWS):
+        b = min(a + CHUNK_ROWS, hidden.shape[0])
+        logits = logits_fn(hidden[a:b])
+        parts.append(scores_from_logits(logits, row_slice(item, a, b), logit_params, generator))
+    out = parts[0] if len(parts) == 1 else concat_scores(parts)
+    if params.signal == Signal.HIDDEN:
+        out.hidden = hidden.to(params.value_dtype).cpu()
+    return out
+
+
+def row_slice(item: ScoreItem, a: int, b: int) -> ScoreItem:
+    """The item restricted to its returned rows [a, b) (row indices relative to score_from)."""
+    sf = item.score_from
+    at = item.at_ids[a:b] if item.at_ids is not None else None
+    return ScoreItem(token_ids=item.token_ids[: sf + b + 1], score_from=sf + a, at_ids=at)
+
+
+def concat_scores(parts: list[SeqScores]) -> SeqScores:
+    """Row-wise concatenation of the SeqScores of consecutive row ranges of one sequence."""
+    names = parts[0].tensors().keys()
+    return SeqScores(**{n: torch.cat([getattr(p, n) for p in parts]) for n in names})
+
+
+def item_generator(item: ScoreItem, base_seed: int) -> torch.Generator:
+    """SAMPLED's generator for one item: the draws depend only on (seed, sequence, score_from), not on what
+    shares the batch, so every backend and batch split draws the same ids."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(base_seed.to_bytes(8, "little", signed=False))
+    h.update(item.token_ids.to(device="cpu", dtype=torch.int64).numpy().tobytes())
+    h.update(item.score_from.to_bytes(4, "little"))
+    return torch.Generator().manual_seed(int.from_bytes(h.digest(), "little") >> 1)
 
 
 def _signal_parts(

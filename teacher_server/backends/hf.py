@@ -16,13 +16,11 @@ Returned tensors are CPU inference tensors (`torch.inference_mode`): clone them 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,11 +37,11 @@ from teacher_server.backends.base import (
     Signal,
     TeacherBackend,
 )
+from teacher_server.backends.common import TORCH_DTYPES, LogitExtras, eos_token_ids, tokenizer_facts
 from teacher_server.config import ServeConfig
 
 log = logging.getLogger("asymkd.teacher.hf")
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DONE = object()  # end-of-stream marker on a generate queue
 
 
@@ -97,7 +95,7 @@ class HFBackend(TeacherBackend):
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
         self.device = torch.device(cfg.device)
-        self.dtype = _DTYPES[cfg.dtype]
+        self.dtype = TORCH_DTYPES[cfg.dtype]
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-teacher")
         self._seeds = torch.Generator().manual_seed(cfg.seed)  # server-chosen seeds (worker thread only)
         self._active: set[threading.Event] = set()
@@ -161,11 +159,8 @@ class HFBackend(TeacherBackend):
         self._decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
         self._head = model.get_output_embeddings()
         text_cfg = model.config.get_text_config()
-        # Cohere multiplies logits by `logit_scale`, Granite divides by `logits_scaling`, Gemma 2/3 softcaps
-        self._logit_mul = getattr(text_cfg, "logit_scale", None) or 1.0
-        self._logit_mul /= getattr(text_cfg, "logits_scaling", None) or 1.0
-        self._softcap = getattr(text_cfg, "final_logit_softcapping", None)
-        tok_len, tok_hash = _tokenizer_facts(folder, gguf)
+        self._extras = LogitExtras.from_config(text_cfg)
+        tok_len, tok_hash = tokenizer_facts(folder, gguf)
         vocab_size, hidden_size = self._head.weight.shape
         self._info = BackendInfo(
             model=name,
@@ -177,7 +172,7 @@ class HFBackend(TeacherBackend):
             tokenizer_hash=tok_hash,
             dtype=self.cfg.dtype,
             signals=tuple(Signal),
-            eos_token_ids=_eos_ids(model),
+            eos_token_ids=eos_token_ids([getattr(model, "generation_config", None), text_cfg]),
             tokenizer_vocab_size=tok_len or int(vocab_size),
         )
 
@@ -197,8 +192,9 @@ class HFBackend(TeacherBackend):
             for group in length_buckets(lengths, self.cfg.max_batch_tokens):
                 hidden_rows = self._forward_rows([items[i] for i in group])
                 for i, h in zip(group, hidden_rows, strict=True):
-                    gen = _item_generator(items[i], base_seed) if params.signal == Signal.SAMPLED else None
-                    results[i] = self._item_scores(h, items[i], params, gen)
+                    sampled = params.signal == Signal.SAMPLED
+                    gen = scoring.item_generator(items[i], base_seed) if sampled else None
+                    results[i] = scoring.scores_from_hidden(h, items[i], params, self._logits, gen)
         return results
 
     def _forward_rows(self, items: list[ScoreItem]) -> list[torch.Tensor]:
@@ -220,29 +216,7 @@ class HFBackend(TeacherBackend):
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, H) final hidden rows -> (N, V) logits, with the model's logit scaling/softcapping if any."""
-        logits = self._head(hidden)
-        if self._logit_mul != 1.0:
-            logits = logits * self._logit_mul
-        if self._softcap:
-            logits = torch.tanh(logits / self._softcap) * self._softcap
-        return logits
-
-    def _item_scores(
-        self, hidden: torch.Tensor, item: ScoreItem, params: ScoreParams, gen: torch.Generator | None
-    ) -> SeqScores:
-        """Signal for one item from its (R, H) hidden rows; logits exist for CHUNK_ROWS rows at a time."""
-        logit_params = (
-            replace(params, signal=Signal.TARGET_ONLY) if params.signal == Signal.HIDDEN else params
-        )
-        parts = []
-        for a in range(0, hidden.shape[0], scoring.CHUNK_ROWS):
-            b = min(a + scoring.CHUNK_ROWS, hidden.shape[0])
-            sub = _row_slice(item, a, b)
-            parts.append(scoring.scores_from_logits(self._logits(hidden[a:b]), sub, logit_params, gen))
-        out = parts[0] if len(parts) == 1 else _concat_scores(parts)
-        if params.signal == Signal.HIDDEN:
-            out.hidden = hidden.to(params.value_dtype).cpu()
-        return out
+        return self._extras.apply(self._head(hidden))
 
     def _fresh_seed(self) -> int:
         return int(torch.randint(1, 2**62, (1,), generator=self._seeds))
@@ -389,54 +363,3 @@ def _step_chunks(
             )
         )
     return chunks
-
-
-def _row_slice(item: ScoreItem, a: int, b: int) -> ScoreItem:
-    """The item restricted to its returned rows [a, b) (row indices relative to score_from)."""
-    sf = item.score_from
-    at = item.at_ids[a:b] if item.at_ids is not None else None
-    return ScoreItem(token_ids=item.token_ids[: sf + b + 1], score_from=sf + a, at_ids=at)
-
-
-def _concat_scores(parts: list[SeqScores]) -> SeqScores:
-    """Row-wise concatenation of per-chunk SeqScores."""
-    names = parts[0].tensors().keys()
-    return SeqScores(**{n: torch.cat([getattr(p, n) for p in parts]) for n in names})
-
-
-def _item_generator(item: ScoreItem, base_seed: int) -> torch.Generator:
-    """SAMPLED draws depend only on (seed, sequence, score_from), not on what shares the batch."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(base_seed.to_bytes(8, "little", signed=False))
-    h.update(item.token_ids.to(device="cpu", dtype=torch.int64).numpy().tobytes())
-    h.update(item.score_from.to_bytes(4, "little"))
-    return torch.Generator().manual_seed(int.from_bytes(h.digest(), "little") >> 1)
-
-
-def _eos_ids(model) -> tuple[int, ...]:
-    """EOS ids from generation_config, then config (ints or lists), de-duplicated, in order."""
-    found: list[int] = []
-    for src in (getattr(model, "generation_config", None), model.config.get_text_config()):
-        eos = getattr(src, "eos_token_id", None) if src is not None else None
-        for e in [eos] if isinstance(eos, int) else eos or []:
-            if e not in found:
-                found.append(int(e))
-    return tuple(found)
-
-
-def _tokenizer_facts(folder: Path, gguf: str | None) -> tuple[int, str]:
-    """(len(tokenizer), tokenizer_hash) or (0, "") when the model has no tokenizer."""
-    from transformers import AutoTokenizer
-
-    from teacher_server.models import tokenizer_hash
-
-    try:
-        tok = AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
-    except Exception as e:  # a model folder without tokenizer files is legal (scoring ids only)
-        log.info("no tokenizer in %s (%s): tokenizer_hash is empty", folder, type(e).__name__)
-        return 0, ""
-    if not gguf:
-        return len(tok), tokenizer_hash(folder)
-    with tempfile.TemporaryDirectory() as tmp:  # hash the tokenizer as a converted folder would store it
-        tok.save_pretrained(tmp)
-        return len(tok), tokenizer_hash(tmp)

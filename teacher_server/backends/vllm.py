@@ -13,8 +13,9 @@ One vLLM engine runs one *runner*; `--vllm.runner` picks what this teacher can a
 - pooling (default): vLLM returns each position's final (post-norm) hidden state (pooling task
   `token_embed`, pooling ALL, no activation); the teacher's output layer, loaded from the folder's
   safetensors, runs here in torch and scoring.py computes every signal from the logits exactly like the hf
-  backend: temperature, exact tail (masked logsumexp), FULL rows. Needs the tokenizer files in the folder
-  (vLLM's pooling runner loads them) and a floating-point output layer. Generate answers UNIMPLEMENTED.
+  backend: temperature, exact tail (summed over the rest of the row), FULL rows. Needs the tokenizer files
+  in the folder (vLLM's pooling runner loads them) and a floating-point output layer. Generate answers
+  UNIMPLEMENTED.
 - generate: TOP_K / TARGET_ONLY through vLLM `prompt_logprobs` (kept as tensors, see vllm_logprobs.py).
   vLLM's prompt logprobs are log_softmax(logits) at T=1 whatever the logprobs mode (prompt positions skip
   the sampler), so T != 1 answers UNIMPLEMENTED naming the pooling runner. The tail mass is derived as
@@ -47,6 +48,7 @@ from pathlib import Path
 
 import torch
 
+from teacher_server import scoring
 from teacher_server.backends.base import (
     BackendError,
     BackendInfo,
@@ -59,6 +61,7 @@ from teacher_server.backends.base import (
     TeacherBackend,
     UnsupportedSignal,
 )
+from teacher_server.backends.common import TORCH_DTYPES, eos_token_ids, tokenizer_facts
 from teacher_server.backends.vllm_generate import check_generate, stream_generate, token_limits
 from teacher_server.backends.vllm_head import OutputHead
 from teacher_server.backends.vllm_logprobs import (
@@ -72,7 +75,6 @@ from teacher_server.models import DEFAULT_TEACHER
 
 log = logging.getLogger("asymkd.teacher.vllm")
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 POOLING_SIGNALS = tuple(Signal)
 PROMPT_LOGPROB_SIGNALS = (Signal.TOP_K, Signal.TARGET_ONLY)
 CPU_DEFAULT_KV_CACHE_BYTES = 1 << 30
@@ -219,7 +221,7 @@ class VLLMBackend(TeacherBackend):
             device = self.cfg.vllm.head_device
             if device == "auto":
                 device = "cuda" if torch.cuda.is_available() else "cpu"
-            dtype = _DTYPES[self.cfg.dtype]
+            dtype = TORCH_DTYPES[self.cfg.dtype]
             self._head = await loop.run_in_executor(
                 self._executor, OutputHead.load, folder, dtype, torch.device(device)
             )
@@ -254,15 +256,14 @@ class VLLMBackend(TeacherBackend):
     def _make_info(self, folder: Path, runners: tuple[str, ...]) -> BackendInfo:
         from transformers import AutoConfig
 
-        from teacher_server.backends.hf import _tokenizer_facts
-
         engine = next(iter(self._engines.values()))
         text_cfg = AutoConfig.from_pretrained(folder).get_text_config()
         vocab = self._head.vocab_size if self._head is not None else int(text_cfg.vocab_size)
-        tok_len, tok_hash = _tokenizer_facts(folder, None)
+        tok_len, tok_hash = tokenizer_facts(folder)
         notes = {
             "pooling": "Score: every signal exact via hidden states + output layer; no Generate",
-            "generate": "Score: TOP_K/TARGET_ONLY at temperature 1 only, tail derived from the top-k; Generate",
+            "generate": "Score: TOP_K/TARGET_ONLY at temperature 1 only, tail derived from the top-k "
+            "(every signal: start with --vllm.runner pooling or both); Generate",
             "both": "Score via hidden states (exact, every signal); Generate via vLLM sampling",
         }
         return BackendInfo(
@@ -277,7 +278,7 @@ class VLLMBackend(TeacherBackend):
             signals=POOLING_SIGNALS if "pooling" in runners else PROMPT_LOGPROB_SIGNALS,
             tensor_parallel_size=self.cfg.tensor_parallel_size,
             pipeline_parallel_size=self.cfg.pipeline_parallel_size,
-            eos_token_ids=_eos_ids(folder, text_cfg),
+            eos_token_ids=eos_token_ids([_generation_config(folder), text_cfg]),
             tokenizer_vocab_size=tok_len or vocab,
             extra={"runner": self.runner, "generate": "generate" in runners, "note": notes[self.runner]},
         )
@@ -336,13 +337,10 @@ class VLLMBackend(TeacherBackend):
     def _head_scores(
         self, hidden: list[torch.Tensor], items: list[ScoreItem], params: ScoreParams, seed: int
     ) -> list[SeqScores]:
-        from teacher_server.backends.hf import _item_generator
-
+        sampled = params.signal == Signal.SAMPLED
         with torch.inference_mode():
             return [
-                self._head.item_scores(
-                    h, it, params, _item_generator(it, seed) if params.signal == Signal.SAMPLED else None
-                )
+                self._head.item_scores(h, it, params, scoring.item_generator(it, seed) if sampled else None)
                 for h, it in zip(hidden, items, strict=True)
             ]
 
@@ -423,18 +421,11 @@ async def _last(outputs: AsyncIterator):
     return out
 
 
-def _eos_ids(folder: Path, text_cfg) -> tuple[int, ...]:
-    """EOS ids from generation_config.json, then config.json, de-duplicated, in order."""
+def _generation_config(folder: Path):
+    """The folder's GenerationConfig, or None without a generation_config.json."""
     from transformers import GenerationConfig
 
-    sources = []
-    with contextlib.suppress(OSError):  # no generation_config.json
-        sources.append(GenerationConfig.from_pretrained(folder))
-    sources.append(text_cfg)
-    found: list[int] = []
-    for src in sources:
-        eos = getattr(src, "eos_token_id", None)
-        for e in [eos] if isinstance(eos, int) else eos or []:
-            if int(e) not in found:
-                found.append(int(e))
-    return tuple(found)
+    try:
+        return GenerationConfig.from_pretrained(folder)
+    except OSError:
+        return None

@@ -8,21 +8,21 @@ hidden rows themselves.
 
 Which tensor is the output layer is asked of transformers (the model built on the meta device, its
 `get_output_embeddings()`, tied input embeddings included), then looked up in the checkpoint. The output
-layer extras the hf backend knows are applied the same way: Cohere `logit_scale`, Granite
-`logits_scaling`, Gemma `final_logit_softcapping`.
+layer extras (Cohere `logit_scale`, Granite `logits_scaling`, Gemma `final_logit_softcapping`) are applied
+by common.LogitExtras, as in the hf backend.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from teacher_server import scoring
-from teacher_server.backends.base import ScoreItem, ScoreParams, SeqScores, Signal
+from teacher_server.backends.base import ScoreItem, ScoreParams, SeqScores
+from teacher_server.backends.common import LogitExtras
 
 log = logging.getLogger("asymkd.teacher.vllm")
 
@@ -33,9 +33,7 @@ class OutputHead:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, text_config):
         self.weight = weight
         self.bias = bias
-        self.logit_scale = getattr(text_config, "logit_scale", None)  # Cohere: multiplies logits
-        self.logits_scaling = getattr(text_config, "logits_scaling", None)  # Granite: divides logits
-        self.softcap = getattr(text_config, "final_logit_softcapping", None)  # Gemma 2/3
+        self.extras = LogitExtras.from_config(text_config)
 
     @property
     def vocab_size(self) -> int:
@@ -61,35 +59,14 @@ class OutputHead:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, H) hidden rows -> (N, V) logits."""
         h = hidden.to(device=self.weight.device, dtype=self.weight.dtype)
-        logits = torch.nn.functional.linear(h, self.weight, self.bias)
-        if self.logit_scale is not None:
-            logits = logits * self.logit_scale
-        if self.logits_scaling is not None:
-            logits = logits / self.logits_scaling
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        return self.extras.apply(torch.nn.functional.linear(h, self.weight, self.bias))
 
     def item_scores(
         self, hidden: torch.Tensor, item: ScoreItem, params: ScoreParams, gen: torch.Generator | None
     ) -> SeqScores:
-        """Signal for one item from its (L, H) hidden states (all positions); logits for CHUNK_ROWS rows at
-        a time, so at most CHUNK_ROWS × V floats are live."""
-        from teacher_server.backends.hf import _concat_scores, _row_slice
-
+        """Signal for one item from its (L, H) hidden states, all positions (scoring.scores_from_hidden)."""
         rows = hidden[item.score_from : item.token_ids.numel() - 1]  # (R, H): row t predicts token t+1
-        logit_params = (
-            replace(params, signal=Signal.TARGET_ONLY) if params.signal == Signal.HIDDEN else params
-        )
-        parts = []
-        for a in range(0, rows.shape[0], scoring.CHUNK_ROWS):
-            b = min(a + scoring.CHUNK_ROWS, rows.shape[0])
-            sub = _row_slice(item, a, b)
-            parts.append(scoring.scores_from_logits(self.logits(rows[a:b]), sub, logit_params, gen))
-        out = parts[0] if len(parts) == 1 else _concat_scores(parts)
-        if params.signal == Signal.HIDDEN:
-            out.hidden = rows.to(params.value_dtype).cpu()
-        return out
+        return scoring.scores_from_hidden(rows, item, params, self.logits, gen)
 
 
 def _head_parameter_names(config) -> tuple[list[str], list[str]]:

@@ -14,7 +14,7 @@ log(-expm1(logsumexp(top-k logprobs))) in float64. Its absolute error in probabi
 probabilities themselves (vLLM's fp32 log-softmax; measured within 1.3e-6 of the hf backend in the tests),
 so the log-tail is within 1e-4 of the exact value only while the tail mass is ≳ 1e-2; for peaked rows
 (mass ~1e-5) it was off by up to 0.04 in the tests, and by more for smaller masses. The pooling runner
-computes the tail exactly (masked logsumexp over the full row, scoring.topk_with_tail).
+computes the tail exactly (summed over the rest of the full row, scoring.topk_with_tail).
 """
 
 from __future__ import annotations

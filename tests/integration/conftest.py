@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from teacher_server.launch import LocalTeacher, free_port
 
@@ -21,16 +22,30 @@ CONTRACT_BACKENDS = [
             "--vllm.enforce-eager",
         ],
         id="vllm",
-        marks=[
-            pytest.mark.vllm,
-            pytest.mark.skipif(
-                __import__("importlib.util").util.find_spec("vllm") is None, reason="vLLM is not installed"
-            ),
-        ],
+        marks=pytest.mark.vllm,  # skipped without vLLM (tests/conftest.py)
     ),
 ]
 # Options every contract server gets: full-vocab top-k allowed; small stream chunks so that splitting shows.
 CONTRACT_SERVE_ARGS = ["--max-top-k", "512", "--stream-chunk-bytes", "65536"]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_teacher_dir):
+    """In-process transformers forward of the tiny teacher: ids -> (L-1, V) log-softmax rows at temperature T
+    (float64 unless `dtype` says otherwise); `reference.model` is the model itself."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir, dtype=torch.float32).eval()
+
+    def logprobs(
+        ids: list[int], temperature: float = 1.0, dtype: torch.dtype = torch.float64
+    ) -> torch.Tensor:
+        with torch.inference_mode():
+            logits = model(torch.tensor([ids])).logits[0, :-1]
+        return torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
+
+    logprobs.model = model
+    return logprobs
 
 
 @pytest.fixture(scope="module")

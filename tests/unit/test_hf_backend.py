@@ -14,6 +14,7 @@ import torch
 
 from teacher_server import scoring
 from teacher_server.backends.base import BackendError, GenerateParams, ScoreItem, ScoreParams, Signal
+from teacher_server.backends.common import LogitExtras, eos_token_ids
 from teacher_server.backends.hf import HFBackend, length_buckets, nucleus_filter
 from teacher_server.config import ServeConfig
 from teacher_server.models import tokenizer_hash
@@ -70,6 +71,31 @@ def test_info(backend, tiny_teacher_dir):
 def test_info_needs_start(tiny_teacher_dir):
     with pytest.raises(RuntimeError, match="start"):
         _ = HFBackend(ServeConfig(model=str(tiny_teacher_dir))).info
+
+
+def test_logit_extras_follow_the_model_config():
+    from types import SimpleNamespace as Cfg
+
+    x = torch.tensor([[-90.0, -1.0, 0.0, 2.0, 60.0]])
+    assert torch.equal(LogitExtras.from_config(Cfg()).apply(x), x)
+    assert torch.equal(LogitExtras.from_config(Cfg(logit_scale=0.25)).apply(x), x * 0.25)  # Cohere
+    assert torch.equal(LogitExtras.from_config(Cfg(logits_scaling=4.0)).apply(x), x / 4.0)  # Granite
+    capped = LogitExtras.from_config(Cfg(final_logit_softcapping=30.0)).apply(x)  # Gemma 2/3
+    torch.testing.assert_close(capped, 30.0 * torch.tanh(x / 30.0))
+    assert capped.abs().max() < 30.0
+
+
+def test_eos_token_ids_in_order_without_repeats():
+    from types import SimpleNamespace as Cfg
+
+    sources = [
+        Cfg(eos_token_id=[7, 2]),
+        None,
+        Cfg(eos_token_id=2),
+        Cfg(eos_token_id=None),
+        Cfg(eos_token_id=9),
+    ]
+    assert eos_token_ids(sources) == (7, 2, 9)
 
 
 def test_length_buckets_respect_budget():

@@ -35,6 +35,26 @@ def test_topk_tail_keeps_precision_when_top_k_holds_nearly_all_mass():
     assert tail.item() == pytest.approx(math.log(3) - 30, abs=1e-4)
 
 
+@pytest.mark.parametrize("top", [50.0, 100.0, 200.0])
+def test_topk_tail_is_exact_when_the_rest_is_tiny_or_underflows(top):
+    # rest mass 3 e^-top: 6e-22 is summed directly; 1e-43 (float32 denormals) and 0 (e^-200 underflows)
+    # take the masked-logsumexp fallback; the ordinary row beside them keeps the direct sum
+    logits = torch.tensor([[top, 0.0, 0.0, 0.0], [1.0, 0.0, 0.5, 0.0]])
+    _, _, tail = scoring.topk_with_tail(torch.log_softmax(logits, -1), 1)
+    assert tail[0].item() == pytest.approx(math.log(3) - top, abs=1e-4)
+    assert tail[1].item() == pytest.approx(
+        math.log((2 + math.exp(0.5)) / (math.e + 2 + math.exp(0.5))), abs=1e-6
+    )
+
+
+def test_topk_tail_blocks_do_not_change_results(monkeypatch):
+    lp = torch.log_softmax(_logits(rows=7, vocab=50), -1)
+    whole = scoring.topk_with_tail(lp, 5)
+    monkeypatch.setattr(scoring, "_TAIL_BLOCK_BYTES", 3 * 50 * 4)  # blocks of 3 rows: 3 + 3 + 1
+    for got, want in zip(scoring.topk_with_tail(lp, 5), whole, strict=True):
+        assert torch.equal(got, want)
+
+
 def test_topk_tail_is_minus_inf_when_k_is_vocab():
     lp = torch.log_softmax(_logits(vocab=10), -1)
     _, _, tail = scoring.topk_with_tail(lp, 10)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from asymkd.v1 import teacher_pb2 as pb
-from teacher_server.backends.base import Signal
+from teacher_server.backends.base import BackendInfo, Signal
 from teacher_server.validation import (
     Limits,
     RequestError,
@@ -113,6 +113,31 @@ def test_known_signal_the_backend_lacks_is_unimplemented():
     rejects(
         parse_score_request, score_req(seq([1, 2]), signal=pb.HIDDEN), grpc.StatusCode.UNIMPLEMENTED, "HIDDEN"
     )
+
+
+def test_unimplemented_signal_carries_the_backend_hint():
+    info = BackendInfo(
+        model="m",
+        backend="vllm",
+        vocab_size=100,
+        hidden_size=16,
+        max_seq_len=32,
+        max_top_k=8,
+        tokenizer_hash="",
+        dtype="float32",
+        signals=(Signal.TOP_K, Signal.TARGET_ONLY),
+        extra={"note": "start with --vllm.runner pooling"},
+    )
+    req = score_req(seq([1, 2]), signal=pb.FULL)
+    base = "signal: FULL is not implemented by this teacher (TOP_K, TARGET_ONLY)"
+    for extra, details in (
+        (info.extra, f"{base}; start with --vllm.runner pooling"),
+        ({}, base),  # no hint: nothing appended
+    ):
+        info.extra = extra
+        with pytest.raises(RequestError) as e:
+            parse_score_request(req, Limits.from_info(info, max_request_tokens=64))
+        assert e.value.code == grpc.StatusCode.UNIMPLEMENTED and str(e.value) == details
 
 
 def at_ids_tensor(rows, m, dtype=torch.int32, hi=100):
