@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -264,6 +265,8 @@ def main(argv: list[str]) -> int:
     from student_trainer.observability import setup_logging
 
     setup_logging(0)
+    # SIGTERM unwinds like Ctrl-C, so the teacher child process (its own session) is stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         run(cfg)
     except ConfigError as e:  # found once the pieces are built (tokenizer, data files, teacher model)

@@ -56,7 +56,6 @@ from teacher_server.client import (
     SequenceScores,
     TeacherError,
     backoff_s,
-    is_retryable,
 )
 
 log = logging.getLogger("asymkd.student.feed")
@@ -344,11 +343,13 @@ class TeacherFeed:
             try:
                 stream = client.score_stream([query], max_in_flight=1, ordered=True)
                 (scores,) = [s async for s in stream]
-            except TeacherError as e:
-                if gen == self._gen and not is_retryable(e.code, e.details):
+            except Exception as e:
+                stale = gen != self._gen  # its client was replaced (and closed) under this call
+                if not stale and not (isinstance(e, TeacherError) and e.retryable):
                     raise
                 self.resends += 1
-                await self._reconnect(e, gen)
+                if not stale:
+                    await self._reconnect(e, gen)
                 continue
             self._outage_since = None
             top_k, vocab = self.distill.top_k, self.vocab_size
@@ -373,7 +374,7 @@ class TeacherFeed:
                     await self._handshake(client)
                 except TeacherError as e:
                     await client.close()
-                    if not is_retryable(e.code, e.details):
+                    if not e.retryable:
                         raise
                     err = e
                     continue

@@ -78,6 +78,7 @@ class StandInClient:
 
     def __init__(self, teacher: StandInTeacher):
         self.t = teacher
+        self.closed = False
 
     def _fail(self, what: str):
         return make_error(self.t.error, f"stand-in {what} failure", "stand-in", what)
@@ -93,6 +94,8 @@ class StandInClient:
         call, self.t.calls = self.t.calls, self.t.calls + 1
         for query in queries:
             await asyncio.sleep(random.uniform(0, 0.01))  # calls complete out of order
+            if self.closed:  # like a grpc.aio channel closed under a call: not a TeacherError
+                raise RuntimeError("stand-in channel closed")
             self.t.scored[int(query.seqs[0][0])] += 1
             if call in self.t.fail_calls:  # the teacher did the work, the answer is lost
                 raise self._fail("ScoreStream")
@@ -103,7 +106,7 @@ class StandInClient:
             ]
 
     async def close(self):
-        pass
+        self.closed = True
 
 
 def make_batches(n: int, read_log: list[int] | None = None):
@@ -168,7 +171,8 @@ def test_retryable_failures_resend_whole_batches_never_skip_or_double(code):
     # calls 2-6 lose their answers, and the teacher is still down at the next two handshakes
     teacher = StandInTeacher(fail_calls={2, 3, 4, 5, 6, 15}, fail_info={1, 2}, error=code)
     fed = run_feed(teacher, 25, retry_deadline_s=30)
-    check_results(fed, 25)  # every batch once, in order, with its own answer
+    check_results(fed, 25)  # every batch once, in order, with its own answer (calls cut by a client
+    # replaced under them are sent again as well)
     assert len(teacher.scored) == 25
     assert sum(teacher.scored.values()) == 25 + 6  # the six lost answers were computed again, nothing else
     assert teacher.clients >= 3  # fresh clients after the failures
