@@ -426,6 +426,10 @@ class _ScoreStreamRun:
         self.sessions[i].send(p.request)
 
     async def _next_event(self):
+        # Answers already queued arrived in time: hand them over before judging any deadline, or a caller
+        # that pulls results more slowly than timeout_s would get DEADLINE_EXCEEDED for answered requests.
+        if not self.events.empty():
+            return self.events.get_nowait()
         oldest = min(self.pending.values(), key=lambda p: p.sent_at)
         wait_s = oldest.sent_at + self.c.timeout_s - time.monotonic()
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
+import time
 import urllib.request
 
 import pytest
@@ -230,3 +231,13 @@ def test_failover_when_a_replica_dies(replicas, tiny_teacher_dir, tmp_path, refe
             assert c.info().vocab_size == 512
     finally:
         doomed.teacher.stop()
+
+
+def test_slow_consumer_of_score_stream_gets_every_answer_without_deadline_errors(replicas):
+    """Answers that arrived in time are delivered even when the caller pulls them after timeout_s."""
+    with TeacherClient([replicas[0].teacher.address], timeout_s=1.0) as client:
+        results = []
+        for res in client.score_stream([_seqs(1, seed=i) for i in range(4)], max_in_flight=4, top_k=4):
+            results.append(res)
+            time.sleep(1.5)  # slower than the deadline: everything still queued must come through
+    assert len(results) == 4
