@@ -39,6 +39,8 @@ proto: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/teacher_throughput.py
+	$(BIN)/python bench/vs_trl.py
+	$(BIN)/python bench/quality.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
