@@ -43,7 +43,10 @@ def _barrier() -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # Plain tensors/ints/tuples only, so the file loads with torch.load(weights_only=True) (no pickle).
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -51,7 +54,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -108,7 +112,7 @@ class Checkpointer:
         if not mine.exists():  # resumed on more ranks than saved: same step/data position, rank 0's RNG
             log.warning("no %s: using rank 0's trainer state", mine.name)
             mine = path / "trainer_rank0.pt"
-        trainer = torch.load(mine, weights_only=False)
+        trainer = torch.load(mine, weights_only=True)
         set_rng_state(trainer.pop("rng"))
         log.info("resumed from %s (step %d)", path, trainer["step"])
         return trainer
