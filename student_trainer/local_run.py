@@ -15,7 +15,8 @@ Order: start the teacher (`LocalTeacher`: a child process on a free loopback por
 fill `train.teacher.targets` with its address, train the distilled student in `<out_dir>/kd` (held-out CE,
 export to `<out_dir>/kd/final`), score the held-out rows with the teacher itself (its CE: the bound the
 student moves toward), stop the teacher, then (compare_ce_only) train the CE-only student in
-`<out_dir>/ce_only`. Prints a table (held-out CE, steps, wall-clock, samples/s, teacher wait) and writes it
+`<out_dir>/ce_only` (with `teacher_threads + student_threads` threads when both are set: the same cores the
+distilled run used). Prints a table (held-out CE, steps, wall-clock, samples/s, teacher wait) and writes it
 to `<out_dir>/comparison.json`. `model.tokenizer: teacher` means the teacher's own tokenizer folder.
 """
 
@@ -241,8 +242,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         rows.append({"name": "distilled (KD)", **kd})
         if cfg.teacher_reference and train.has_eval:
             teacher_ce = teacher_heldout_ce(teacher.address, train, cfg.nproc_per_node)
-    if cfg.compare_ce_only:
-        ce = train_student(cfg, variant(train, out / "ce_only", [], export=False))
+    if cfg.compare_ce_only:  # the teacher has stopped: its cores go to the baseline (same cores in all)
+        cores = (
+            cfg.student_threads + cfg.teacher_threads if cfg.student_threads and cfg.teacher_threads else 0
+        )
+        ce_cfg = dataclasses.replace(cfg, student_threads=cores or cfg.student_threads)
+        ce = train_student(ce_cfg, variant(train, out / "ce_only", [], export=False))
         rows.append({"name": "CE only", **ce})
     report = {"runs": rows, "teacher_heldout_ce": teacher_ce, "export": str(out / "kd" / "final")}
     (out / "comparison.json").write_text(json.dumps(report, indent=2))

@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from student_trainer.sparse_kd import sparse_kd_sums
+
 LOSS_NAMES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
 _NEG_INF = float("-inf")
 
@@ -168,22 +170,6 @@ class LossOutput:
     student_mass_in_teacher_topk: Tensor
 
 
-def _sparse_pair(z: Tensor, ids: Tensor, t_lp: Tensor, t_tail: Tensor) -> tuple[Tensor, ...]:
-    """(R, V_s) scaled student logits + teacher top-k → (R, k+1) log-probs (lp, lq) and per-row masses."""
-    lse = torch.logsumexp(z, -1, keepdim=True)
-    lq_top = z.gather(-1, ids) - lse
-    if ids.shape[-1] >= z.shape[-1]:
-        # The bucket holds no ids: its mass is exactly 0 on both sides, whatever rounding the server reported.
-        lq_tail = torch.full_like(lse, _NEG_INF)
-        lp_tail = lq_tail
-    else:
-        lq_tail = torch.logsumexp(z.scatter(-1, ids, _NEG_INF), -1, keepdim=True) - lse
-        lp_tail = t_tail.unsqueeze(-1)
-    lp = torch.cat([t_lp, lp_tail], -1)
-    lq = torch.cat([lq_top, lq_tail], -1)
-    return lp, lq, torch.logsumexp(t_lp, -1).exp(), torch.logsumexp(lq_top, -1).exp()
-
-
 def _dense_pair(z: Tensor, t_lp: Tensor) -> tuple[Tensor, ...]:
     """(R, V_s) scaled student logits + (R, V_t) teacher log-probs → (R, V_s) (lp, lq) and per-row masses."""
     lq = torch.log_softmax(z, -1)
@@ -199,22 +185,40 @@ def _chunk_sums(
     t_ids: Tensor | None,
     t_tail: Tensor | None,
     targets: Tensor | None,
+    mask: Tensor,
     *,
     spec: KDSpec,
 ) -> Tensor:
-    """One chunk of valid rows → tensor [kd_sum, ce_sum, teacher_mass_sum, student_mass_sum]."""
+    """One chunk of rows → tensor [kd_sum, ce_sum, teacher_mass_sum, student_mass_sum] over rows in ``mask``.
+
+    Sparse: the fused K+1-class kernel (sparse_kd.py) on all rows, masked rows skipped inside. Dense: every row
+    given must be valid (the caller selects them).
+    """
     logits = student_rows(x)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 → fp32, fp64 stays fp64
     if t_lp.shape[-1] > logits.shape[-1]:
         what = "vocab size" if t_ids is None else "top-k k"
         raise ValueError(f"teacher {what}={t_lp.shape[-1]} exceeds student vocab {logits.shape[-1]}")
-    z = logits / spec.temperature
-    t_lp = t_lp.to(z.dtype)
-    if t_ids is None:
-        lp, lq, t_mass, s_mass = _dense_pair(z, t_lp)
-    else:
+    if t_ids is not None:
         assert t_tail is not None
-        lp, lq, t_mass, s_mass = _sparse_pair(z, t_ids.long(), t_lp, t_tail.to(z.dtype))
+        div = partial(divergence, loss=spec.loss, beta=spec.beta, alpha=spec.alpha)
+        kd, ce, s_mass = sparse_kd_sums(
+            logits,
+            t_ids,
+            t_lp,
+            t_tail,
+            targets,
+            mask,
+            div,
+            temperature=spec.temperature,
+            scale_t2=spec.scale_t2,
+        )
+        if targets is not None and spec.temperature != 1.0:  # the kernel's CE is at T = 1 only
+            ce = ce_loss_sum(logits, targets, mask)
+        t_mass = torch.logsumexp(t_lp[mask].to(kd.dtype), -1).exp().sum()
+        return torch.stack([kd, ce.to(kd.dtype), t_mass, s_mass])
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 → fp32, fp64 stays fp64
+    z = logits / spec.temperature
+    lp, lq, t_mass, s_mass = _dense_pair(z, t_lp.to(z.dtype))
     kd = divergence(lp, lq, spec.loss, beta=spec.beta, alpha=spec.alpha).sum()
     if spec.scale_t2:
         kd = kd * spec.temperature**2
@@ -262,18 +266,23 @@ def _run_chunks(
     n = source.shape[0]
     t_lp, t_ids, t_tail, targets, mask = _flat_inputs(n, teacher, targets, mask)
 
-    valid = mask.nonzero().squeeze(1)  # prompt/padding rows never reach the vocab-sized work
+    valid = mask.nonzero().squeeze(1)
     num = valid.numel()
-    step = max(num if chunk_rows is None else chunk_rows, 1)
     fn = partial(_chunk_sums, student_rows, spec=spec)
-    sums = []
-    for start in range(0, max(num, 1), step):  # one (empty) chunk when num == 0 keeps the graph connected
-        idx = valid[start : start + step]
-        args = [source[idx], t_lp[idx]] + [None if t is None else t[idx] for t in (t_ids, t_tail, targets)]
-        if chunk_rows is not None and torch.is_grad_enabled():
-            sums.append(checkpoint(fn, *args, use_reentrant=False))  # keep one chunk's (R, V) at a time
-        else:
-            sums.append(fn(*args))
+    if t_ids is not None and chunk_rows is None:  # fused sparse kernel: masked rows skipped inside, no copies
+        sums = [fn(source, t_lp, t_ids, t_tail, targets, mask)]
+    else:  # dense, or chunked: prompt/padding rows never reach the vocab-sized work
+        sums, step = [], max(num if chunk_rows is None else chunk_rows, 1)
+        for start in range(0, max(num, 1), step):  # one (empty) chunk when num == 0 keeps the graph connected
+            idx = valid[start : start + step]
+            args = [source[idx], t_lp[idx]] + [
+                None if t is None else t[idx] for t in (t_ids, t_tail, targets)
+            ]
+            args.append(mask[idx])
+            if chunk_rows is not None and torch.is_grad_enabled():
+                sums.append(checkpoint(fn, *args, use_reentrant=False))  # keep one chunk's (R, V) at a time
+            else:
+                sums.append(fn(*args))
     kd_sum, ce_sum, t_mass, s_mass = torch.stack(sums).sum(0).unbind()
     return LossOutput(
         loss_sum=combine_loss_sums(kd_sum, ce_sum, ce_weight=ce_weight),
@@ -395,9 +404,10 @@ def dense_kd_loss(
 
 def ce_loss_sum(student_logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
     """Σ over masked rows of −log softmax(logits)[target] (T = 1). logits (N, V), targets (N,), mask (N,)."""
-    logits = student_logits.reshape(-1, student_logits.shape[-1])[mask.reshape(-1)]
+    logits = student_logits.reshape(-1, student_logits.shape[-1])
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(logits, targets.reshape(-1)[mask.reshape(-1)], reduction="sum")
+    ignored = targets.reshape(-1).long().masked_fill(~mask.reshape(-1).bool(), -100)  # no row copies
+    return F.cross_entropy(logits, ignored, ignore_index=-100, reduction="sum")
 
 
 def chunked_distill_loss(
