@@ -40,6 +40,7 @@ proto: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/teacher_throughput.py
 	$(BIN)/python bench/vs_trl.py
+	$(BIN)/python bench/kd_throughput.py
 	$(BIN)/python bench/quality.py
 
 clean:

@@ -3,7 +3,8 @@
 - `machine_info()`: what ran the benchmark (CPU, cores, memory, load average, versions), stored in every JSON.
 - `build_model()`: a random-init Llama (SmolLM2 tokenizer) built once per folder; `count_params()`.
 - `ProcessTreePeak`: peak RSS (VmHWM) of a process and its descendants, for servers we start.
-- `summarize()`: median/min/max of repeated measurements; `write_json()`; `cache_root()`.
+- `summarize()`: median/min/max of repeated measurements; `fmt_summary()`, `fmt_gib()`; `write_json()`;
+  `save_figure()`; `cache_root()`.
 """
 
 from __future__ import annotations
@@ -185,6 +186,30 @@ def summarize(values: list[float]) -> dict:
         "n": len(vals),
         "values": vals,
     }
+
+
+def fmt_summary(s: dict | None, digits: int = 2) -> str:
+    """A `summarize()` result as "median (min–max)" ("—" when empty)."""
+    if not s or s.get("median") is None:
+        return "—"
+    if s["n"] == 1:
+        return f"{s['median']:.{digits}f}"
+    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
+
+
+def fmt_gib(s: dict | None) -> str:
+    """The median of a `summarize()` result in MB, as GiB ("—" when empty)."""
+    return "—" if not s or s.get("median") is None else f"{s['median'] / 1024:.2f}"
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> None:
+    """Lay out, save (creating the folder) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -180,22 +180,10 @@ def plot(result: dict, path: Path) -> None:
         f"{mach['cpu_count']} cores {mach['cpu_model']}, load {mach['load_average_1_5_15'][0]}",
         fontsize=10,
     )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    bl.save_figure(fig, path)
 
 
-def _fmt(s: dict | None, digits: int = 2) -> str:
-    if not s or s.get("median") is None:
-        return "—"
-    if s["n"] == 1:
-        return f"{s['median']:.{digits}f}"
-    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
-
-
-def _mb(s: dict | None) -> str:
-    return "—" if not s or s.get("median") is None else f"{s['median'] / 1024:.2f}"
+_fmt, _mb = bl.fmt_summary, bl.fmt_gib
 
 
 def as_table(result: dict) -> str:

@@ -202,9 +202,17 @@ class DistillSection:
 
 @dataclass
 class TeacherSection:
-    """Where the teacher runs; several targets are balanced with failover. Empty = CE-only training."""
+    """Where the teacher runs: teacher servers (`targets`, balanced with failover), or in this process
+    (`in_process`: no gRPC, each micro-batch is scored then trained on, one after the other). Neither = CE-only.
+    """
 
     targets: list[str] = field(default_factory=list)  # "host:port" of teacher replicas
+    # In-process teacher (inprocess_teacher.py): an HF folder, a .gguf file or "default", loaded on each rank
+    # by the backend `asymkd serve` builds. No prefetch: the student waits for every teacher forward.
+    in_process: str = ""
+    # More `asymkd serve` flags for the in-process teacher (ServeConfig: --dtype, --max-batch-tokens,
+    # --backend, --config serve.yaml, ...); its --device defaults to the student's.
+    in_process_args: list[str] = field(default_factory=list)
     prefetch: int = 4  # batches in flight to the teacher ahead of the one being trained on
     timeout_s: float = 60.0  # deadline per request
     max_retries: int = 5  # per request, on UNAVAILABLE / RESOURCE_EXHAUSTED, with backoff (client level)
@@ -217,6 +225,13 @@ class TeacherSection:
         bad = [t for t in self.targets if not _HOST_PORT.match(t)]
         if bad:
             raise ValueError(f"targets {bad} are not host:port")
+        if self.in_process and self.targets:
+            raise ValueError(
+                f"set targets={self.targets!r} (teacher servers) or in_process={self.in_process!r} "
+                "(a teacher in the training process), not both"
+            )
+        if self.in_process_args and not self.in_process:
+            raise ValueError(f"in_process_args={self.in_process_args!r} needs in_process (the teacher model)")
         _check(
             {
                 "prefetch": self.prefetch >= 1,
@@ -309,4 +324,4 @@ class TrainConfig:
 
     @property
     def uses_teacher(self) -> bool:
-        return bool(self.teacher.targets)
+        return bool(self.teacher.targets or self.teacher.in_process)

@@ -20,15 +20,16 @@ meanwhile the feed backs off, opens a fresh client (new channels, no stale recon
 GetInfo handshake, until no answer has come for `teacher.retry_deadline_s`. Any other error (bad request,
 incompatible teacher, deadline) is raised in the training thread, gRPC status and details included.
 
-Vocabulary handshake (`check_teacher_compat`): the teacher's tokenizer hash must equal the student's and its
-logits width (`vocab_size`) must equal the student's. Padded-vocab rule (`teacher.allow_padded_vocab`):
-widths may differ when both cover every id the tokenizer can produce (`TeacherInfo.tokenizer_vocab_size`),
-as with Qwen checkpoints padded to 151936 or 152064 columns. Ids that exist on one side only are ids the
-tokenizer never produces; they count as probability 0 on the other side. Student wider (V_s > V_t): the
-losses put its extra columns in the tail bucket (TOP_K) or give the teacher -inf there (FULL). Teacher wider
-(V_t > V_s): the feed asks for top_k + (V_t − V_s) ids (capped at max_top_k), keeps the first top_k real ones
-and folds the rest, padded ids included, into tail_logprob (the K+1 classes still hold all the mass); FULL
-rows are cut to V_s and renormalized.
+Vocabulary handshake (`negotiate`; inprocess_teacher.py runs the same one on an in-process teacher): the
+teacher's tokenizer hash must equal the student's and its logits width (`vocab_size`) must equal the
+student's. Padded-vocab rule (`teacher.allow_padded_vocab`): widths may differ when both cover every id the
+tokenizer can produce (`TeacherInfo.tokenizer_vocab_size`), as with Qwen checkpoints padded to 151936 or
+152064 columns. Ids that exist on one side only are ids the tokenizer never produces; they count as
+probability 0 on the other side. Student wider (V_s > V_t): the losses put its extra columns in the tail
+bucket (TOP_K) or give the teacher -inf there (FULL). Teacher wider (V_t > V_s): the feed asks for top_k +
+(V_t − V_s) ids (capped at max_top_k), keeps the first top_k real ones and folds the rest, padded ids
+included, into tail_logprob (the K+1 classes still hold all the mass); FULL rows are cut to V_s and
+renormalized.
 """
 
 from __future__ import annotations
@@ -122,6 +123,23 @@ def requested_top_k(distill: DistillSection, info, vocab_size: int) -> int:
     if k > info.max_top_k:
         raise TeacherCompatError(f"distill.top_k={k} exceeds the teacher's max_top_k={info.max_top_k}")
     return min(k + max(info.vocab_size - vocab_size, 0), info.max_top_k)
+
+
+def negotiate(
+    info, distill: DistillSection, teacher: TeacherSection, *, vocab_size: int, tokenizer_hash: str
+) -> int:
+    """The handshake on a teacher's facts (`TeacherInfo` from GetInfo, or an in-process backend's
+    `BackendInfo`): same vocabulary, the wanted signal on offer; returns the top_k to request."""
+    check_teacher_compat(
+        info,
+        vocab_size=vocab_size,
+        tokenizer_hash=tokenizer_hash,
+        allow_padded_vocab=teacher.allow_padded_vocab,
+    )
+    wanted = Signal.TOP_K if distill.signal == "top_k" else Signal.FULL
+    if info.signals and wanted not in info.signals:
+        raise TeacherCompatError(f"teacher {info.model!r} does not offer signal {wanted.name}")
+    return requested_top_k(distill, info, vocab_size)
 
 
 # ------------------------------------------------------------------------------------------ batch <-> rows
@@ -403,16 +421,9 @@ class TeacherFeed:
 
     async def _handshake(self, client) -> None:
         info = await client.info()
-        check_teacher_compat(
-            info,
-            vocab_size=self.vocab_size,
-            tokenizer_hash=self.tokenizer_hash,
-            allow_padded_vocab=self.teacher.allow_padded_vocab,
+        self.top_k = negotiate(
+            info, self.distill, self.teacher, vocab_size=self.vocab_size, tokenizer_hash=self.tokenizer_hash
         )
-        wanted = Signal.TOP_K if self.distill.signal == "top_k" else Signal.FULL
-        if info.signals and wanted not in info.signals:
-            raise TeacherCompatError(f"teacher {info.model!r} does not offer signal {wanted.name}")
-        self.top_k = requested_top_k(self.distill, info, self.vocab_size)
         if not self._started.done():
             log.info(
                 "teacher %s (%s, vocab %d) at %s | signal %s top_k %d T %.2f | prefetch %d",

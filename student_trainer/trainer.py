@@ -290,16 +290,22 @@ class Trainer:
         # gRPC and the client are imported only when a teacher is used.
         from student_trainer.teacher_feed import TeacherCompatError, TeacherFeed
 
+        if self.cfg.teacher.in_process:  # the teacher in this process: score, then train (no prefetch)
+            from student_trainer.inprocess_teacher import InProcessTeacherFeed
+
+            feed_cls, where = InProcessTeacherFeed, {"device": self.device}
+        else:
+            feed_cls, where = TeacherFeed, {"rank": self.rank}
         vocab = self.model.get_output_embeddings().weight.shape[0]
         tok_hash = tokenizer_hash(self.tokenizer_dir)
-        try:  # the GetInfo handshake happens here, before the first step
-            return TeacherFeed(
+        try:  # the handshake (GetInfo, or the in-process teacher's load) happens here, before the first step
+            return feed_cls(
                 batches,
                 self.cfg.teacher,
                 self.cfg.distill,
-                rank=self.rank,
                 vocab_size=vocab,
                 tokenizer_hash=tok_hash,
+                **where,
             )
         except TeacherCompatError as e:
             raise ConfigError(f"teacher: {e}") from None

@@ -20,6 +20,8 @@ def test_defaults_and_overrides():
     cfg = _load("--optim.lr", "3e-3", "--teacher.targets", "[a:1, 'b.example:50051']", "--checkpoint.resume")
     assert cfg.optim.lr == 3e-3 and cfg.teacher.targets == ["a:1", "b.example:50051"]
     assert cfg.checkpoint.resume is True and cfg.uses_teacher and not cfg.has_eval
+    cfg = _load("--teacher.in_process", "default", "--teacher.in_process_args", "[--dtype, bfloat16]")
+    assert cfg.uses_teacher and cfg.teacher.in_process_args == ["--dtype", "bfloat16"]
 
 
 @pytest.mark.parametrize(
@@ -37,6 +39,14 @@ def test_defaults_and_overrides():
         (["--distill.temperature", "0"], "temperature=0.0"),
         (["--teacher.targets", "[localhost]"], "['localhost'] are not host:port"),
         (["--teacher.prefetch", "0"], "prefetch=0"),
+        (
+            ["--teacher.targets", "[a:1]", "--teacher.in_process", "/t"],
+            "in 'teacher': set targets=['a:1'] (teacher servers) or in_process='/t'",
+        ),
+        (
+            ["--teacher.in_process_args", "[--dtype, bfloat16]"],
+            "in_process_args=['--dtype', 'bfloat16'] needs in_process",
+        ),
         (["--checkpoint.keep", "0"], "keep=0"),
         (["--run.eval_every", "5"], "run.eval_every=5 needs held-out data"),
         (
@@ -96,6 +106,7 @@ def test_cli_help_lists_every_section(capsys):
         "--parallel.reduce-dtype",
         "--distill.loss",
         "--teacher.targets",
+        "--teacher.in-process",
         "--checkpoint.resume",
         "--metrics.jsonl",
         "--run.steps",
