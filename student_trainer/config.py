@@ -176,7 +176,7 @@ class DistillSection:
     alpha: float = 0.1  # skew KL mixing
     kd_weight: float = 1.0
     ce_weight: float = 0.0  # CE on the true next token (T = 1); without teacher targets the loss is CE only
-    chunk_rows: int = 1024  # loss rows per chunk (recomputed in backward); 0 = all rows at once
+    chunk_rows: int = 1024  # FULL signal: loss rows per chunk (recomputed in backward); 0 = all rows at once
 
     def __post_init__(self) -> None:
         from student_trainer.losses import LOSS_NAMES

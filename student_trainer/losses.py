@@ -330,9 +330,12 @@ def distill_loss(
     student_logits (N, V_s) or (B, T, V_s); mask (N,) bool; targets (N,) token ids (CE at T = 1).
     Sparse teacher (TOP_K): ``teacher_ids`` (N, k) distinct ids, ``teacher_logprobs`` (N, k), ``teacher_tail``
     (N,) = log of the mass outside the top-k (-inf when none). Dense teacher (FULL): ``teacher_logprobs``
-    (N, V_t), V_t ≤ V_s. ``chunk_rows`` processes valid rows in chunks, recomputing each in backward.
+    (N, V_t), V_t ≤ V_s. ``chunk_rows`` (dense only) processes valid rows in chunks, recomputing each in
+    backward; the sparse kernel needs none (it keeps nothing rows × vocab but the logits given).
     """
     spec = KDSpec(loss, beta, alpha, temperature, scale_t2)
+    if teacher_ids is not None and chunk_rows is not None and chunk_rows >= 1:
+        chunk_rows = None  # (invalid values still reach the check in _run_chunks)
     return _run_chunks(
         lambda rows: rows,
         student_logits.reshape(-1, student_logits.shape[-1]),

@@ -123,8 +123,9 @@ def loss_sums(
 ) -> LossSums:
     """Loss sums over target rows; logits (B, T, V), mask (B, T-1), teacher rows aligned with mask.
 
-    Without a teacher the loss is CE. With one: kd_weight · KD + ce_weight · CE (losses.py, in chunks of
-    `chunk_rows` valid rows, so no (B, T, V) tensor is built beyond the student's own logits).
+    Without a teacher the loss is CE. With one: kd_weight · KD + ce_weight · CE (losses.py: TOP_K through
+    the fused kernel, FULL in chunks of `chunk_rows` valid rows, so no (B, T, V) tensor is built beyond the
+    student's own logits).
     """
     b, t, v = logits.shape
     flat = logits.reshape(b * t, v)  # a view: row b·T + t predicts input_ids[b, t + 1]
