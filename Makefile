@@ -40,8 +40,9 @@ proto: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/teacher_throughput.py
 	$(BIN)/python bench/vs_trl.py
-	$(BIN)/python bench/kd_throughput.py
+	$(BIN)/python bench/kd_throughput.py --split-cores
 	$(BIN)/python bench/quality.py
+	$(BIN)/python bench/quality.py --train-docs 600 --steps 300 --cache --out bench/results/quality_limited.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

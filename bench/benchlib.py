@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import statistics
@@ -70,6 +71,18 @@ def machine_info(extra_versions: dict[str, str | None] | None = None) -> dict:
         info["gpu"] = None
     info["versions"].update(extra_versions or {})
     return info
+
+
+def begin(max_load: float, logger: logging.Logger) -> float:
+    """A benchmark's start: `[bench]` log lines, and a warning when the machine is already busy (the 1-min
+    load average above `max_load`). Returns that load average (recorded in the results)."""
+    logging.basicConfig(level=logging.INFO, format="[bench] %(message)s")
+    load0 = load_average_1m()
+    if load0 > max_load:
+        logger.warning(
+            "1-min load average %.2f > %.2f: the cores are shared; figures will be noisy", load0, max_load
+        )
+    return load0
 
 
 def load_average_1m() -> float:

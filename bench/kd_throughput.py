@@ -29,14 +29,14 @@ import contextlib
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/kd_throughput.py` from the root
 
 from bench import benchlib as bl
 from bench import kd_throughput_report as report
-from bench.runner import Placement, run_train, start_teacher, tail, teacher_alone
+from bench.runner import Placement, measure, record, start_teacher
 from bench.vs_trl import PAIRS, asymkd_config, build_pair, training_batches
 
 log = logging.getLogger("bench.kd_throughput")
@@ -92,29 +92,11 @@ def run_one(spec: RunSpec, ctx: dict, repeat: int, args) -> dict:
                     ctx["teacher"], "hf", placement, out / "teacher.log", dtype=pair.dtype, extra_args=serve
                 )
             )
-        if spec.kind == "teacher":
-            res = teacher_alone(
-                teacher.address, ctx["batches"], top_k=args.top_k, max_in_flight=args.prefetch,
-                warmup_batches=args.warmup_steps,
-            )  # fmt: skip
-            res["teacher_peak_mb"] = teacher.peak.read_mb()
-        else:
-            cfg = train_config(ctx, args, spec.kind)
-            tr = run_train(cfg, out, placement=placement, teacher=teacher, warmup_steps=args.warmup_steps)
-            if tr.returncode != 0 or tr.samples_per_s is None:
-                raise RuntimeError(
-                    f"asymkd train failed ({tr.returncode}); log {tr.log_path}:\n{tail(tr.log_path)}"
-                )
-            res = tr.summary()
-    log.info(
-        "r%d %-22s %7.2f samples/s  (%.0f s)",
-        repeat,
-        spec.name,
-        res["samples_per_s"],
-        time.perf_counter() - t0,
-    )
-    load = round(bl.load_average_1m(), 2)
-    return {"name": spec.name, "repeat": repeat, **asdict(spec), **res, "load_average_1m": load}
+        cfg = None if spec.kind == "teacher" else train_config(ctx, args, spec.kind)
+        res = measure(
+            spec.kind, cfg, out, teacher=teacher, placement=placement, batches=ctx["batches"], args=args
+        )
+    return record(spec, repeat, res, time.perf_counter() - t0, log)
 
 
 # -------------------------------------------------------------------------------------------------- main
@@ -169,11 +151,7 @@ def describe(args, ctx: dict, specs: list[RunSpec]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[bench] %(message)s")
-    load0 = bl.load_average_1m()
-    if load0 > args.max_load:
-        log.warning("1-min load average %.2f > %.2f: the cores are shared; figures will be low and noisy",
-                    load0, args.max_load)  # fmt: skip
+    load0 = bl.begin(args.max_load, log)
     pair = PAIRS[args.pair]
     teacher, student = build_pair(pair)
     work = bl.cache_root() / "runs" / f"kd_throughput-{pair.name}"

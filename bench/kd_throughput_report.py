@@ -52,6 +52,7 @@ def ratios(runs: list[dict]) -> dict:
         pipe = bound(runs, f"{CE}_split", f"{TEACHER}_split", "pipeline")
         bounds["pipeline_bound_split"] = bl.summarize([v for _, v in pipe])
         sps[f"{SERVED}_split / pipeline_bound_split"] = versus_bound(runs, f"{SERVED}_split", pipe)
+        sps[f"{SERVED}_split / sequential_bound"] = versus_bound(runs, f"{SERVED}_split", seq)
         sps[f"{SERVED}_split / {IN_PROCESS}"] = paired(runs, f"{SERVED}_split", IN_PROCESS)
     mem = {
         f"{SERVED} / {CE} (trainer peak)": paired(runs, SERVED, CE, "trainer_peak_mb"),
@@ -59,10 +60,14 @@ def ratios(runs: list[dict]) -> dict:
         f"{SERVED} / {CE} (trainer + teacher peak)": paired(runs, SERVED, CE, "total_peak_mb"),
     }
     t_ratio, m_ratio = sps[f"{SERVED} / sequential_bound"], mem[f"{SERVED} / {CE} (trainer peak)"]
+    want = f">= {THROUGHPUT_TARGET} x sequential bound"
     targets = {
-        "throughput": _target(t_ratio, f">= {THROUGHPUT_TARGET} x sequential bound", THROUGHPUT_TARGET, 1),
+        "throughput": _target(t_ratio, want + " (shared cores)", THROUGHPUT_TARGET, 1),
         "memory": _target(m_ratio, f"<= {MEMORY_TARGET} x CE-only trainer peak", MEMORY_TARGET, -1),
     }
+    split = sps.get(f"{SERVED}_split / sequential_bound")
+    if split:  # teacher and student on their own cores: the placement asymkd is built for
+        targets["throughput_split"] = _target(split, want + " (split cores)", THROUGHPUT_TARGET, 1)
     return {
         "samples_per_s_ratios": {k: v for k, v in sps.items() if v},
         "peak_memory_ratios": {k: v for k, v in mem.items() if v},
@@ -184,11 +189,14 @@ def as_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m bench.kd_throughput_report RESULT.json [--plot]
+if __name__ == "__main__":  # python -m bench.kd_throughput_report RESULT.json [--plot]: re-derive, rewrite
     import json
     import sys
 
-    res = json.loads(Path(sys.argv[1]).read_text())
+    path = Path(sys.argv[1])
+    res = json.loads(path.read_text())
+    res["summary"], res["ratios"] = summarize(res["runs"]), ratios(res["runs"])
+    bl.write_json(path, res)
     if "--plot" in sys.argv:
-        plot(res, Path(sys.argv[1]).with_suffix(".png"))
+        plot(res, path.with_suffix(".png"))
     print(as_table(res))

@@ -3,6 +3,9 @@
     python bench/quality.py                    # SmolLM2-135M-Instruct teacher -> ~17M student, ~15 min on 2 idle cores
     python bench/quality.py --quick            # smoke run (a few steps)
     python bench/quality.py --signals top_k full
+    python bench/quality.py --train-docs 600 --steps 300 --cache --out bench/results/quality_limited.json
+                                               # data-limited: ~5 epochs over 600 documents, KD from an
+                                               # offline cache written first (its time counts for KD)
 
 Everything trains through the product: a teacher server (LocalTeacher, hf backend) and `asymkd train` with a
 YAML config; the data is the trainer's builtin `stdlib-docs` corpus with a held-out share of its documents
@@ -34,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/qu
 
 from bench import benchlib as bl
 from bench import quality_report as report
-from bench.runner import Placement, TrainResult, run_train, start_teacher, tail
+from bench.runner import Placement, TrainResult, run_train, start_teacher, tail, write_cache
 
 log = logging.getLogger("bench.quality")
 
@@ -48,7 +51,7 @@ def base_config(args, teacher_dir: Path, eval_batches: int) -> dict:
             "num_heads": args.hidden_size // 64, "intermediate_size": 4 * args.hidden_size,
             "tie_word_embeddings": True, "max_position_embeddings": max(512, args.seq_len),
         },
-        "data": {"builtin": "stdlib-docs", "seq_len": args.seq_len, "eval_fraction": args.eval_fraction},
+        "data": data_section(args),
         "optim": {
             "lr": args.lr, "warmup_steps": args.lr_warmup_steps, "schedule": "constant", "weight_decay": 0.1,
             "grad_clip": 1.0, "micro_batch_size": args.batch_size,
@@ -63,6 +66,31 @@ def base_config(args, teacher_dir: Path, eval_batches: int) -> dict:
     }  # fmt: skip
 
 
+def data_section(args) -> dict:
+    """The trainer's `data` section: the builtin corpus with its held-out share, or (``--train-docs N``, the
+    data-limited regime) N of its training documents written to a JSONL file, held out the same documents."""
+    if not args.train_docs:
+        return {"builtin": "stdlib-docs", "seq_len": args.seq_len, "eval_fraction": args.eval_fraction}
+    import numpy as np
+
+    from student_trainer.data import split_documents, stdlib_docs_corpus
+
+    docs = stdlib_docs_corpus().read_text().splitlines()
+    train_docs, held_docs = split_documents(docs, args.eval_fraction)  # the trainer's own split of documents
+    if args.train_docs > len(train_docs):
+        raise SystemExit(
+            f"--train-docs {args.train_docs}: the corpus has {len(train_docs)} training documents"
+        )
+    pick = sorted(np.random.default_rng(args.seed).permutation(len(train_docs))[: args.train_docs].tolist())
+    folder = bl.cache_root() / "corpora"
+    folder.mkdir(parents=True, exist_ok=True)
+    train_path = folder / f"stdlib-docs-train{args.train_docs}-seed{args.seed}.jsonl"
+    held_path = folder / f"stdlib-docs-heldout{args.eval_fraction}.jsonl"
+    train_path.write_text("\n".join(train_docs[i] for i in pick) + "\n")
+    held_path.write_text("\n".join(held_docs) + "\n")
+    return {"paths": [str(train_path)], "eval_path": [str(held_path)], "seq_len": args.seq_len}
+
+
 def eval_rows(args, teacher_dir: Path) -> dict:
     """The held-out rows the trainer evaluates on (its own split and packing)."""
     from transformers import AutoTokenizer
@@ -71,7 +99,7 @@ def eval_rows(args, teacher_dir: Path) -> dict:
     from student_trainer.data import load_packs
     from teacher_server.models import tokenizer_hash
 
-    data = DataSection(builtin="stdlib-docs", seq_len=args.seq_len, eval_fraction=args.eval_fraction)
+    data = DataSection(**data_section(args))
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     packs = load_packs(data, tok, tokenizer_hash(teacher_dir) or str(teacher_dir.resolve()))
     return {"train_rows": len(packs["train"]), "eval": packs["eval"]}
@@ -86,16 +114,25 @@ def train(
         cfg["distill"]["signal"] = signal
         if signal != "top_k":
             cfg["distill"].pop("top_k")
-    t0 = time.perf_counter()
+    t0, shared, cache_s = time.perf_counter(), Placement.shared(), 0.0
     if teacher_dir is None:
-        res = run_train(cfg, work / name, placement=Placement.shared(), warmup_steps=1)
+        res = run_train(cfg, work / name, placement=shared, warmup_steps=1)
+    elif args.cache and signal == "top_k":  # score every row once, then train from disk with no teacher
+        log_path = work / name / "teacher.log"
+        cache_dir = work / name / "teacher_cache"
+        with start_teacher(teacher_dir, "hf", shared, log_path, dtype=args.teacher_dtype) as t:
+            cache_s = write_cache(cfg, work / name, cache_dir, placement=shared, teacher=t)
+        log.info("%-8s cache of every training row written in %.0f s", name, cache_s)
+        cfg["teacher"] = {**cfg["teacher"], "cache": str(cache_dir)}
+        res = run_train(cfg, work / name, placement=shared, warmup_steps=1)
     else:
         log_path = work / name / "teacher.log"
-        with start_teacher(teacher_dir, "hf", Placement.shared(), log_path, dtype=args.teacher_dtype) as t:
-            res = run_train(cfg, work / name, placement=Placement.shared(), teacher=t, warmup_steps=1)
+        with start_teacher(teacher_dir, "hf", shared, log_path, dtype=args.teacher_dtype) as t:
+            res = run_train(cfg, work / name, placement=shared, teacher=t, warmup_steps=1)
     if res.returncode != 0:
         raise RuntimeError(f"{name}: asymkd train failed ({res.returncode}):\n{tail(res.log_path)}")
     log.info("%-8s %d steps in %.0f s (process wall)", name, res.steps, time.perf_counter() - t0)
+    res.cache_write_s = cache_s  # the teacher's cost paid before training (0 with a live teacher)
     return res
 
 
@@ -163,10 +200,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lr-warmup-steps", type=int, default=None, help="default: 10%% of N")
     p.add_argument("--eval-fraction", type=float, default=0.1)
+    p.add_argument(
+        "--train-docs",
+        type=int,
+        default=0,
+        help="data-limited regime: train on this many documents of the corpus (0 = all), same held-out set",
+    )
     p.add_argument("--eval-every", type=int, default=None, help="default: N/8")
     p.add_argument("--eval-max-batches", type=int, default=12, help="in-run evaluation size (micro-batches)")
     p.add_argument("--heldout-rows", type=int, default=96, help="rows scored at the end (CE and KL)")
     p.add_argument("--prefetch", type=int, default=4)
+    p.add_argument(
+        "--cache",
+        action="store_true",
+        help="top_k KD from an offline cache (`asymkd cache write`, every row scored once; its time counts)",
+    )
     p.add_argument(
         "--teacher-dtype",
         default="bfloat16",
@@ -192,12 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     from teacher_server.models import default_teacher_dir
 
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[bench] %(message)s")
-    load0 = bl.load_average_1m()
-    if load0 > args.max_load:
-        log.warning(
-            "1-min load average %.2f > %.2f: the cores are shared; clocks will be noisy", load0, args.max_load
-        )
+    load0 = bl.begin(args.max_load, log)
     teacher_dir = default_teacher_dir()
     work = bl.cache_root() / "runs" / ("quality-quick" if args.quick else "quality")
     held = eval_rows(args, teacher_dir)
@@ -211,9 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     kd = {s: train(f"kd_{s}", cfg, work, args, teacher_dir, s) for s in args.signals}
     ce_per_step = train_clock(ce, eval_cost) / args.steps
     first_kd = kd[args.signals[0]]
-    m_steps = max(args.steps, round(train_clock(first_kd, eval_cost) / ce_per_step))
-    log.info("equal wall-clock: CE continues to %d steps (%.2f s/step CE vs %.2f s/step KD)",
-             m_steps, ce_per_step, train_clock(first_kd, eval_cost) / args.steps)  # fmt: skip
+    kd_clock = first_kd.cache_write_s + train_clock(first_kd, eval_cost)  # the cache's writing counts
+    m_steps = max(args.steps, round(kd_clock / ce_per_step))
+    log.info("equal wall-clock: CE continues to %d steps (%.2f s/step CE vs %.2f s/step KD, cache included)",
+             m_steps, ce_per_step, kd_clock / args.steps)  # fmt: skip
     wall_cfg = {**cfg, "run": {**cfg["run"], "steps": m_steps}}
     wall_cfg["checkpoint"] = {
         "export": True,
@@ -222,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     ce_wall = train("ce_wall", wall_cfg, work, args, None, None) if m_steps > args.steps else None
 
     runs = {"ce": summarize_run(ce, eval_cost)}
-    runs |= {f"kd_{s}": summarize_run(r, eval_cost) for s, r in kd.items()}
+    runs |= {f"kd_{s}": summarize_run(r, eval_cost, offset_s=r.cache_write_s) for s, r in kd.items()}
+    for s, r in kd.items():
+        runs[f"kd_{s}"]["cache_write_s"] = r.cache_write_s
     if ce_wall is not None:
         runs["ce_wall"] = summarize_run(ce_wall, eval_cost, offset_s=runs["ce"]["train_clock_s"])
     students = {name: work / name / "final" for name in runs}
@@ -236,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             "student_params_m": bl.count_params(students["ce"]) / 1e6, "steps_N": args.steps, "steps_M": m_steps,
             "train_rows": held["train_rows"], "heldout_rows": len(held["eval"]), "eval_cost_s": eval_cost,
             "in_run_eval_batches": eval_batches, "trainer_config": cfg, "signals": args.signals,
+            "train_docs": args.train_docs or "all", "teacher_cache": args.cache,
         },
         "runs": runs,
         "heldout": heldout,

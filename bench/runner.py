@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from bench.benchlib import REPO_DIR, ProcessTreePeak
+from bench.benchlib import REPO_DIR, ProcessTreePeak, load_average_1m
 
 
 # ---------------------------------------------------------------------------------------------- placement
@@ -131,6 +133,7 @@ class TrainResult:
     train_records: list[dict] = field(default_factory=list)
     eval_records: list[dict] = field(default_factory=list)
     log_path: str = ""
+    cache_write_s: float = 0.0  # seconds spent writing an offline teacher cache before this run (quality.py)
 
     def summary(self) -> dict:
         keep = ("returncode", "steps", "samples_per_s", "step_s_mean", "trainer_peak_mb", "teacher_peak_mb")
@@ -228,6 +231,61 @@ def run_train(
         eval_records=evals,
         log_path=str(log_path),
     )
+
+
+def measure(
+    kind: str, config: dict | None, out: Path, *, teacher, placement: Placement, batches, args
+) -> dict:
+    """One timed measurement of the benchmarks' shared kinds: "teacher" = the teacher alone scoring `batches`
+    (args.top_k, args.prefetch in flight), anything else = `asymkd train` with `config`. Its summary dict."""
+    if kind == "teacher":
+        res = teacher_alone(
+            teacher.address,
+            batches,
+            top_k=args.top_k,
+            max_in_flight=args.prefetch,
+            warmup_batches=args.warmup_steps,
+        )
+        return res | {"teacher_peak_mb": teacher.peak.read_mb()}
+    tr = run_train(config, out, placement=placement, teacher=teacher, warmup_steps=args.warmup_steps)
+    if tr.returncode != 0 or tr.samples_per_s is None:
+        raise RuntimeError(f"asymkd train failed ({tr.returncode}); log {tr.log_path}:\n{tail(tr.log_path)}")
+    return tr.summary()
+
+
+def record(spec: Any, repeat: int, res: dict, seconds: float, logger: logging.Logger) -> dict:
+    """A run's JSON row (the spec's fields, the result, the load right after), logged in one line."""
+    logger.info("r%d %-28s %6.2f samples/s  (%.0f s)", repeat, spec.name, res["samples_per_s"], seconds)
+    load = round(load_average_1m(), 2)
+    return {"name": spec.name, "repeat": repeat, **asdict(spec), **res, "load_average_1m": load}
+
+
+def write_cache(config: dict, out_dir: Path, cache_dir: Path, *, placement: Placement, teacher) -> float:
+    """`asymkd cache write` as a child process: the teacher scores every training row of `config` once into
+    `cache_dir`. Returns its wall seconds (start-up included: what a user pays for the cache)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = json.loads(json.dumps(config))
+    config.setdefault("teacher", {})["targets"] = [teacher.address]
+    cfg_path = out_dir / "cache.yaml"
+    cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    cmd = [
+        sys.executable,
+        "-m",
+        "asymkd.cli",
+        "cache",
+        "write",
+        "--config",
+        str(cfg_path),
+        "--out",
+        str(cache_dir),
+    ]
+    env = {**os.environ, **placement.student_env(), "PYTHONPATH": str(REPO_DIR)}
+    t0 = time.perf_counter()
+    with (out_dir / "cache.log").open("wb") as log:
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_DIR)
+    if rc != 0:
+        raise RuntimeError(f"asymkd cache write failed ({rc}):\n{tail(str(out_dir / 'cache.log'))}")
+    return time.perf_counter() - t0
 
 
 def _wait_sampling(proc: subprocess.Popen, teacher, timeout_s: float) -> tuple[int, float]:

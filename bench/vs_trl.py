@@ -28,14 +28,14 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/vs_trl.py` from the repo root
 
 from bench import benchlib as bl
 from bench import vs_trl_report as report
-from bench.runner import Placement, run_train, start_teacher, tail, teacher_alone
+from bench.runner import Placement, measure, record, start_teacher, tail
 
 log = logging.getLogger("bench.vs_trl")
 TRL_VENV = bl.BENCH_DIR / ".venv-trl"
@@ -261,30 +261,13 @@ def run_one(spec: RunSpec, ctx: dict, servers: Servers, repeat: int, args) -> di
     t0 = time.perf_counter()
     if spec.kind == "trl":
         res = run_trl(ctx, args, spec.beta, out / "trl.log")
-    elif spec.kind == "teacher":
-        res = teacher_alone(
-            teacher.address, ctx["batches"], top_k=args.top_k, max_in_flight=args.prefetch,
-            warmup_batches=args.warmup_steps,
-        )  # fmt: skip
-        res["teacher_peak_mb"] = teacher.peak.read_mb()
     else:
-        signal = None if spec.kind == "ce" else spec.signal
+        signal = None if spec.kind in ("ce", "teacher") else spec.signal
         cfg = asymkd_config(ctx["student"], ctx["pair"], args, beta=spec.beta, signal=signal)
-        tr = run_train(cfg, out, placement=placement, teacher=teacher, warmup_steps=args.warmup_steps)
-        if tr.returncode != 0 or tr.samples_per_s is None:
-            raise RuntimeError(
-                f"asymkd train failed ({tr.returncode}); log {tr.log_path}:\n{tail(tr.log_path)}"
-            )
-        res = tr.summary()
-    log.info(
-        "r%d %-28s %6.2f samples/s  (%.0f s)",
-        repeat,
-        spec.name,
-        res["samples_per_s"],
-        time.perf_counter() - t0,
-    )
-    load = round(bl.load_average_1m(), 2)
-    return {"name": spec.name, "repeat": repeat, **asdict(spec), **res, "load_average_1m": load}
+        res = measure(
+            spec.kind, cfg, out, teacher=teacher, placement=placement, batches=ctx["batches"], args=args
+        )
+    return record(spec, repeat, res, time.perf_counter() - t0, log)
 
 
 # -------------------------------------------------------------------------------------------------- main
@@ -346,11 +329,7 @@ def describe(args, pair: Pair, teacher: Path, student: Path, specs: list[RunSpec
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[bench] %(message)s")
-    load0 = bl.load_average_1m()
-    if load0 > args.max_load:
-        log.warning("1-min load average %.2f > %.2f: the cores are shared; figures will be low and noisy",
-                    load0, args.max_load)  # fmt: skip
+    load0 = bl.begin(args.max_load, log)
     pair = PAIRS[args.pair]
     teacher, student = build_pair(pair)
     work = bl.cache_root() / "runs" / f"vs_trl-{pair.name}"

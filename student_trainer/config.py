@@ -203,7 +203,8 @@ class DistillSection:
 @dataclass
 class TeacherSection:
     """Where the teacher runs: teacher servers (`targets`, balanced with failover), or in this process
-    (`in_process`: no gRPC, each micro-batch is scored then trained on, one after the other). Neither = CE-only.
+    (`in_process`: no gRPC, each micro-batch is scored then trained on, one after the other), or an offline
+    cache of its answers (`cache`). None of them = CE-only.
     """
 
     targets: list[str] = field(default_factory=list)  # "host:port" of teacher replicas
@@ -213,6 +214,8 @@ class TeacherSection:
     # More `asymkd serve` flags for the in-process teacher (ServeConfig: --dtype, --max-batch-tokens,
     # --backend, --config serve.yaml, ...); its --device defaults to the student's.
     in_process_args: list[str] = field(default_factory=list)
+    # Offline cache (cache.py, written by `asymkd cache write`): teacher answers read from disk, no teacher.
+    cache: str = ""
     prefetch: int = 4  # batches in flight to the teacher ahead of the one being trained on
     timeout_s: float = 60.0  # deadline per request
     max_retries: int = 5  # per request, on UNAVAILABLE / RESOURCE_EXHAUSTED, with backoff (client level)
@@ -225,11 +228,10 @@ class TeacherSection:
         bad = [t for t in self.targets if not _HOST_PORT.match(t)]
         if bad:
             raise ValueError(f"targets {bad} are not host:port")
-        if self.in_process and self.targets:
-            raise ValueError(
-                f"set targets={self.targets!r} (teacher servers) or in_process={self.in_process!r} "
-                "(a teacher in the training process), not both"
-            )
+        sources = {"targets": self.targets, "in_process": self.in_process, "cache": self.cache}
+        if sum(bool(v) for v in sources.values()) > 1:
+            given = ", ".join(f"{k}={v!r}" for k, v in sources.items() if v)
+            raise ValueError(f"set one teacher source (targets, in_process or cache), got {given}")
         if self.in_process_args and not self.in_process:
             raise ValueError(f"in_process_args={self.in_process_args!r} needs in_process (the teacher model)")
         _check(
@@ -324,4 +326,4 @@ class TrainConfig:
 
     @property
     def uses_teacher(self) -> bool:
-        return bool(self.teacher.targets or self.teacher.in_process)
+        return bool(self.teacher.targets or self.teacher.in_process or self.teacher.cache)

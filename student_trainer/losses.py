@@ -33,6 +33,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -354,55 +355,22 @@ def sparse_kd_loss(
     teacher_logprobs: Tensor,
     teacher_tail: Tensor,
     mask: Tensor,
-    *,
-    loss: str = "forward_kl",
-    beta: float = 0.5,
-    alpha: float = 0.1,
-    temperature: float = 1.0,
-    scale_t2: bool = True,
-    chunk_rows: int | None = None,
+    **options: Any,
 ) -> LossOutput:
     """KD over the K+1 classes (teacher top-k ids + tail bucket). Shapes: logits (N, V_s), ids and logprobs
-    (N, k), tail (N,), mask (N,) bool. Never builds a dense teacher row."""
+    (N, k), tail (N,), mask (N,) bool. Never builds a dense teacher row. ``options``: ``distill_loss``'s
+    ``loss``, ``beta``, ``alpha``, ``temperature``, ``scale_t2``, ``chunk_rows``."""
     return distill_loss(
-        student_logits,
-        teacher_logprobs,
-        mask,
-        teacher_ids=teacher_ids,
-        teacher_tail=teacher_tail,
-        chunk_rows=chunk_rows,
-        loss=loss,
-        beta=beta,
-        alpha=alpha,
-        temperature=temperature,
-        scale_t2=scale_t2,
+        student_logits, teacher_logprobs, mask, teacher_ids=teacher_ids, teacher_tail=teacher_tail, **options
     )
 
 
 def dense_kd_loss(
-    student_logits: Tensor,
-    teacher_logprobs: Tensor,
-    mask: Tensor,
-    *,
-    loss: str = "forward_kl",
-    beta: float = 0.5,
-    alpha: float = 0.1,
-    temperature: float = 1.0,
-    scale_t2: bool = True,
-    chunk_rows: int | None = None,
+    student_logits: Tensor, teacher_logprobs: Tensor, mask: Tensor, **options: Any
 ) -> LossOutput:
-    """KD over the full vocabulary. Shapes: logits (N, V_s), teacher log-probs (N, V_t ≤ V_s), mask (N,)."""
-    return distill_loss(
-        student_logits,
-        teacher_logprobs,
-        mask,
-        chunk_rows=chunk_rows,
-        loss=loss,
-        beta=beta,
-        alpha=alpha,
-        temperature=temperature,
-        scale_t2=scale_t2,
-    )
+    """KD over the full vocabulary. Shapes: logits (N, V_s), teacher log-probs (N, V_t ≤ V_s), mask (N,).
+    ``options`` as in ``sparse_kd_loss``."""
+    return distill_loss(student_logits, teacher_logprobs, mask, **options)
 
 
 def ce_loss_sum(student_logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:

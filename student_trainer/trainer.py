@@ -295,6 +295,10 @@ class Trainer:
             from student_trainer.inprocess_teacher import InProcessTeacherFeed
 
             feed_cls, where = InProcessTeacherFeed, {"device": self.device}
+        elif self.cfg.teacher.cache:  # answers written by `asymkd cache write`, read from disk
+            from student_trainer.cache import CachedTeacherFeed
+
+            feed_cls, where = CachedTeacherFeed, {"rows": self.train_data.rows}
         else:
             feed_cls, where = TeacherFeed, {"rank": self.rank}
         vocab = self.model.get_output_embeddings().weight.shape[0]

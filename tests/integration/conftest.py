@@ -79,3 +79,13 @@ def limited_teacher(tiny_teacher_dir, tmp_path_factory):
     args += ["--max-request-tokens", "4096"]
     with LocalTeacher(args, log_path=log) as t:
         yield t
+
+
+@pytest.fixture(scope="module")
+def one_thread_teacher(tiny_teacher_dir, tmp_path_factory):
+    """A real hf server of the tiny teacher with one torch thread, like the test process (same kernels, same
+    reduction order, so its answers match an in-process forward bit for bit), max_top_k 64."""
+    log = tmp_path_factory.mktemp("logs") / "teacher.log"
+    args = ["--model", str(tiny_teacher_dir), "--backend", "hf", "--max-top-k", "64"]
+    with LocalTeacher(args, log_path=log, env={"OMP_NUM_THREADS": "1"}) as t:
+        yield t

@@ -19,7 +19,6 @@ from student_trainer.config import DistillSection, TeacherSection
 from student_trainer.data import PackedDataset, pack, tokenize_documents
 from student_trainer.inprocess_teacher import InProcessTeacherFeed
 from student_trainer.teacher_feed import TeacherCompatError, TeacherFeed
-from teacher_server.launch import LocalTeacher
 from teacher_server.models import tokenizer_hash
 
 N_BATCHES, TOP_K, STEPS = 5, 8, 4
@@ -35,12 +34,8 @@ def docs() -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def teacher(tiny_teacher_dir, tmp_path_factory):
-    """A real server, one torch thread like this test process (same kernels, same reduction order)."""
-    log = tmp_path_factory.mktemp("logs") / "teacher.log"
-    args = ["--model", str(tiny_teacher_dir), "--backend", "hf", "--max-top-k", "64"]
-    with LocalTeacher(args, log_path=log, env={"OMP_NUM_THREADS": "1"}) as t:
-        yield t
+def teacher(one_thread_teacher):
+    return one_thread_teacher
 
 
 @pytest.fixture(scope="module")

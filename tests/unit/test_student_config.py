@@ -41,7 +41,11 @@ def test_defaults_and_overrides():
         (["--teacher.prefetch", "0"], "prefetch=0"),
         (
             ["--teacher.targets", "[a:1]", "--teacher.in_process", "/t"],
-            "in 'teacher': set targets=['a:1'] (teacher servers) or in_process='/t'",
+            "in 'teacher': set one teacher source (targets, in_process or cache), got targets=['a:1'], in_process='/t'",
+        ),
+        (
+            ["--teacher.in_process", "/t", "--teacher.cache", "/c"],
+            "set one teacher source (targets, in_process or cache), got in_process='/t', cache='/c'",
         ),
         (
             ["--teacher.in_process_args", "[--dtype, bfloat16]"],
