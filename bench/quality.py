@@ -86,8 +86,10 @@ def data_section(args) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     train_path = folder / f"stdlib-docs-train{args.train_docs}-seed{args.seed}.jsonl"
     held_path = folder / f"stdlib-docs-heldout{args.eval_fraction}.jsonl"
-    train_path.write_text("\n".join(train_docs[i] for i in pick) + "\n")
-    held_path.write_text("\n".join(held_docs) + "\n")
+    for path, lines in ((train_path, [train_docs[i] for i in pick]), (held_path, held_docs)):
+        text = "\n".join(lines) + "\n"
+        if not path.exists() or path.read_text() != text:  # unchanged files keep the trainer's packs valid
+            path.write_text(text)
     return {"paths": [str(train_path)], "eval_path": [str(held_path)], "seq_len": args.seq_len}
 
 

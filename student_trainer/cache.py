@@ -98,6 +98,7 @@ def write_cache(cfg: TrainConfig, out: Path, *, shard_rows: int = 1024) -> dict:
     data = PackedDataset(rows, micro_batch_size=mbs, shuffle=False)
     batches = itertools.islice(data.batches(), math.ceil(n / mbs))
     out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)  # written last: a folder without it is no cache
     for old in out.glob("shard-*.safetensors"):
         old.unlink()
     shards, pending, t0 = [], [], time.perf_counter()

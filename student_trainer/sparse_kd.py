@@ -109,10 +109,13 @@ class _SparseKD(torch.autograd.Function):
             b = slice(a, a + BLOCK_ROWS)
             buf = grad[b]
             x = logits[b]
-            if t != 1.0 or x.dtype != work:
-                torch.div(x.to(work), t, out=buf).sub_(lse_tail[b, None])
-            else:
+            if t == 1.0 and x.dtype == work:
                 torch.sub(x, lse_tail[b, None], out=buf)
+            else:
+                buf.copy_(x)
+                if t != 1.0:
+                    buf.div_(t)
+                buf.sub_(lse_tail[b, None])
             buf.scatter_(1, ids[b], _NEG_INF).exp_().mul_(tail_coef[b, None])
             buf.scatter_(1, ids[b], top[b])
             if ce_w is not None:
