@@ -244,9 +244,13 @@ def main(argv: list[str]) -> int:
     from student_trainer.cli import parse_train_args
     from student_trainer.observability import setup_logging
 
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in ("write", "info"):
-        print(USAGE, file=sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if argv and argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    if not argv or argv[0] not in ("write", "info"):
+        what = f"unknown command {argv[0]!r}" if argv else "a command is needed"
+        print(f"asymkd cache: {what}\n{USAGE}", file=sys.stderr)
+        return 2
     try:
         if argv[0] == "info":
             if len(argv) != 2:

@@ -120,3 +120,5 @@ def test_cache_write_needs_a_teacher_and_a_folder(corpus, tiny_student_dir, tmp_
     assert "--out DIR is required" in capsys.readouterr().err
     assert cache_main(["info", str(tmp_path)]) == 2
     assert "is not a teacher cache" in capsys.readouterr().err
+    assert cache_main(["read", str(tmp_path)]) == 2
+    assert "unknown command 'read'" in capsys.readouterr().err
