@@ -43,7 +43,7 @@ log = logging.getLogger("bench.quality")
 
 
 # ------------------------------------------------------------------------------------------------ config
-def base_config(args, teacher_dir: Path, eval_batches: int) -> dict:
+def base_config(args, teacher_dir: Path, eval_batches: int, data: dict) -> dict:
     """The student and recipe shared by every run; only the distill/teacher sections differ."""
     return {
         "model": {
@@ -51,7 +51,7 @@ def base_config(args, teacher_dir: Path, eval_batches: int) -> dict:
             "num_heads": args.hidden_size // 64, "intermediate_size": 4 * args.hidden_size,
             "tie_word_embeddings": True, "max_position_embeddings": max(512, args.seq_len),
         },
-        "data": data_section(args),
+        "data": data,
         "optim": {
             "lr": args.lr, "warmup_steps": args.lr_warmup_steps, "schedule": "constant", "weight_decay": 0.1,
             "grad_clip": 1.0, "micro_batch_size": args.batch_size,
@@ -93,7 +93,7 @@ def data_section(args) -> dict:
     return {"paths": [str(train_path)], "eval_path": [str(held_path)], "seq_len": args.seq_len}
 
 
-def eval_rows(args, teacher_dir: Path) -> dict:
+def eval_rows(data_cfg: dict, teacher_dir: Path) -> dict:
     """The held-out rows the trainer evaluates on (its own split and packing)."""
     from transformers import AutoTokenizer
 
@@ -101,7 +101,7 @@ def eval_rows(args, teacher_dir: Path) -> dict:
     from student_trainer.data import load_packs
     from teacher_server.models import tokenizer_hash
 
-    data = DataSection(**data_section(args))
+    data = DataSection(**data_cfg)
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     packs = load_packs(data, tok, tokenizer_hash(teacher_dir) or str(teacher_dir.resolve()))
     return {"train_rows": len(packs["train"]), "eval": packs["eval"]}
@@ -119,18 +119,20 @@ def train(
     t0, shared, cache_s = time.perf_counter(), Placement.shared(), 0.0
     if teacher_dir is None:
         res = run_train(cfg, work / name, placement=shared, warmup_steps=1)
-    elif args.cache and signal == "top_k":  # score every row once, then train from disk with no teacher
-        log_path = work / name / "teacher.log"
-        cache_dir = work / name / "teacher_cache"
-        with start_teacher(teacher_dir, "hf", shared, log_path, dtype=args.teacher_dtype) as t:
-            cache_s = write_cache(cfg, work / name, cache_dir, placement=shared, teacher=t)
-        log.info("%-8s cache of every training row written in %.0f s", name, cache_s)
-        cfg["teacher"] = {**cfg["teacher"], "cache": str(cache_dir)}
-        res = run_train(cfg, work / name, placement=shared, warmup_steps=1)
     else:
-        log_path = work / name / "teacher.log"
-        with start_teacher(teacher_dir, "hf", shared, log_path, dtype=args.teacher_dtype) as t:
-            res = run_train(cfg, work / name, placement=shared, teacher=t, warmup_steps=1)
+        cached = args.cache and signal == "top_k"  # score every row once, then train with no teacher
+        with start_teacher(
+            teacher_dir, "hf", shared, work / name / "teacher.log", dtype=args.teacher_dtype
+        ) as t:
+            if cached:
+                cache_dir = work / name / "teacher_cache"
+                cache_s = write_cache(cfg, work / name, cache_dir, placement=shared, teacher=t)
+            else:
+                res = run_train(cfg, work / name, placement=shared, teacher=t, warmup_steps=1)
+        if cached:
+            log.info("%-8s cache of every training row written in %.0f s", name, cache_s)
+            cfg["teacher"] = {**cfg["teacher"], "cache": str(cache_dir)}
+            res = run_train(cfg, work / name, placement=shared, warmup_steps=1)
     if res.returncode != 0:
         raise RuntimeError(f"{name}: asymkd train failed ({res.returncode}):\n{tail(res.log_path)}")
     log.info("%-8s %d steps in %.0f s (process wall)", name, res.steps, time.perf_counter() - t0)
@@ -245,9 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     load0 = bl.begin(args.max_load, log)
     teacher_dir = default_teacher_dir()
     work = bl.cache_root() / "runs" / ("quality-quick" if args.quick else "quality")
-    held = eval_rows(args, teacher_dir)
+    data = data_section(args)  # once: it may write the data-limited corpus files
+    held = eval_rows(data, teacher_dir)
     eval_batches = max(1, min(args.eval_max_batches, len(held["eval"]) // args.batch_size))
-    cfg = base_config(args, teacher_dir, eval_batches)
+    cfg = base_config(args, teacher_dir, eval_batches, data)
     t0 = time.perf_counter()
 
     ce = train("ce", cfg, work, args, None, None)

@@ -187,18 +187,12 @@ def run_train(
     timeout_s: float = 3600.0,
 ) -> TrainResult:
     """`asymkd train --config out_dir/run.yaml` as a child process; teacher targets are filled in."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     config = json.loads(json.dumps(config))  # a private copy
     config.setdefault("run", {})["out_dir"] = str(out_dir)
     config.setdefault("metrics", {})["jsonl"] = "metrics.jsonl"
-    if teacher is not None:
-        config.setdefault("teacher", {})["targets"] = [teacher.address]
     (out_dir / "metrics.jsonl").unlink(missing_ok=True)
-    cfg_path = out_dir / "run.yaml"
-    cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
     log_path = out_dir / "train.log"
-    cmd = [sys.executable, "-m", "asymkd.cli", "train", "--config", str(cfg_path)]
-    env = {**os.environ, **placement.student_env(), "PYTHONPATH": str(REPO_DIR)}
+    cmd, env = _asymkd_child(["train"], config, out_dir / "run.yaml", placement, teacher)
     t0 = time.perf_counter()
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
@@ -233,6 +227,18 @@ def run_train(
     )
 
 
+def _asymkd_child(
+    command: list[str], config: dict, cfg_path: Path, placement: Placement, teacher
+) -> tuple[list[str], dict[str, str]]:
+    """Write `config` (teacher targets filled in) to `cfg_path`; the `asymkd <command>` line and its env."""
+    cfg_path.parent.mkdir(parents=True, exist_ok=True)
+    if teacher is not None:
+        config = {**config, "teacher": {**config.get("teacher", {}), "targets": [teacher.address]}}
+    cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    cmd = [sys.executable, "-m", "asymkd.cli", *command, "--config", str(cfg_path)]
+    return cmd, {**os.environ, **placement.student_env(), "PYTHONPATH": str(REPO_DIR)}
+
+
 def measure(
     kind: str, config: dict | None, out: Path, *, teacher, placement: Placement, batches, args
 ) -> dict:
@@ -263,23 +269,8 @@ def record(spec: Any, repeat: int, res: dict, seconds: float, logger: logging.Lo
 def write_cache(config: dict, out_dir: Path, cache_dir: Path, *, placement: Placement, teacher) -> float:
     """`asymkd cache write` as a child process: the teacher scores every training row of `config` once into
     `cache_dir`. Returns its wall seconds (start-up included: what a user pays for the cache)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config = json.loads(json.dumps(config))
-    config.setdefault("teacher", {})["targets"] = [teacher.address]
-    cfg_path = out_dir / "cache.yaml"
-    cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    cmd = [
-        sys.executable,
-        "-m",
-        "asymkd.cli",
-        "cache",
-        "write",
-        "--config",
-        str(cfg_path),
-        "--out",
-        str(cache_dir),
-    ]
-    env = {**os.environ, **placement.student_env(), "PYTHONPATH": str(REPO_DIR)}
+    cmd, env = _asymkd_child(["cache", "write"], config, out_dir / "cache.yaml", placement, teacher)
+    cmd += ["--out", str(cache_dir)]
     t0 = time.perf_counter()
     with (out_dir / "cache.log").open("wb") as log:
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_DIR)

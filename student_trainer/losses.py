@@ -180,7 +180,7 @@ def _dense_pair(z: Tensor, t_lp: Tensor) -> tuple[Tensor, ...]:
 
 
 def _chunk_sums(
-    student_rows: Callable[[Tensor], Tensor],
+    student_rows: Callable[[Tensor], Tensor] | None,
     x: Tensor,
     t_lp: Tensor,
     t_ids: Tensor | None,
@@ -195,7 +195,7 @@ def _chunk_sums(
     Sparse: the fused K+1-class kernel (sparse_kd.py) on all rows, masked rows skipped inside. Dense: every row
     given must be valid (the caller selects them).
     """
-    logits = student_rows(x)
+    logits = x if student_rows is None else student_rows(x)
     if t_lp.shape[-1] > logits.shape[-1]:
         what = "vocab size" if t_ids is None else "top-k k"
         raise ValueError(f"teacher {what}={t_lp.shape[-1]} exceeds student vocab {logits.shape[-1]}")
@@ -247,7 +247,7 @@ def _flat_inputs(
 
 
 def _run_chunks(
-    student_rows: Callable[[Tensor], Tensor],
+    student_rows: Callable[[Tensor], Tensor] | None,
     source: Tensor,
     teacher: tuple[Tensor, Tensor | None, Tensor | None],
     targets: Tensor | None,
@@ -257,7 +257,9 @@ def _run_chunks(
     ce_weight: float,
     chunk_rows: int | None,
 ) -> LossOutput:
-    """Select valid rows, then sum ``_chunk_sums`` over chunks of them (recomputed in backward if chunked)."""
+    """Sum ``_chunk_sums`` over the valid rows. ``student_rows`` maps source rows to logits (None: the source
+    is the logits). TOP_K on whole logits runs the fused kernel once (it needs no chunks); otherwise valid rows
+    are selected and processed in chunks, each recomputed in backward when ``chunk_rows`` is set."""
     if not 0.0 <= ce_weight <= 1.0:
         raise ValueError(f"ce_weight must be in [0, 1], got {ce_weight}")
     if ce_weight > 0.0 and targets is None:
@@ -270,7 +272,7 @@ def _run_chunks(
     valid = mask.nonzero().squeeze(1)
     num = valid.numel()
     fn = partial(_chunk_sums, student_rows, spec=spec)
-    if t_ids is not None and chunk_rows is None:  # fused sparse kernel: masked rows skipped inside, no copies
+    if t_ids is not None and (student_rows is None or chunk_rows is None):  # masked rows skipped inside
         sums = [fn(source, t_lp, t_ids, t_tail, targets, mask)]
     else:  # dense, or chunked: prompt/padding rows never reach the vocab-sized work
         sums, step = [], max(num if chunk_rows is None else chunk_rows, 1)
@@ -335,10 +337,8 @@ def distill_loss(
     backward; the sparse kernel needs none (it keeps nothing rows × vocab but the logits given).
     """
     spec = KDSpec(loss, beta, alpha, temperature, scale_t2)
-    if teacher_ids is not None and chunk_rows is not None and chunk_rows >= 1:
-        chunk_rows = None  # (invalid values still reach the check in _run_chunks)
     return _run_chunks(
-        lambda rows: rows,
+        None,
         student_logits.reshape(-1, student_logits.shape[-1]),
         (teacher_logprobs, teacher_ids, teacher_tail),
         targets,
