@@ -1,51 +1,175 @@
-"""The `asymkd` command: one console script, one subcommand per component.
+"""The `asymkd` command: one console script, one thin handler per subcommand (configs: asymkd/config.py).
 
-asymkd serve --model PATH --backend {hf,vllm} --port 50051     # teacher service
-asymkd train --config run.yaml [--section.key value ...]       # student (under torchrun for N ranks)
-asymkd run --config examples/demo.yaml                         # local teacher + student, one machine
-asymkd plan ...                                                # partition planner, launch files
-asymkd cache ...                                               # offline teacher-logit cache
+    asymkd serve --model PATH --backend {hf,vllm} --port 50051     # teacher service
+    asymkd train --config run.yaml [--section.key value ...]       # student (under torchrun for N ranks)
+    asymkd run --config examples/demo.yaml                         # local teacher + student, one machine
+    asymkd cache write --config train.yaml --out DIR               # offline teacher-logit cache
+    asymkd cache info DIR
+    torchrun --nproc_per_node=2 -m asymkd.cli train --config run.yaml
+
+`asymkd <command> --help` lists every key. A config mistake exits 2 with one line naming the key. Handlers
+import their component when they run, so `--help` and config errors answer at once.
 """
 
 from __future__ import annotations
 
-import importlib
+import json
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-# subcommand -> "module:function"; each function takes argv (list[str]) and returns an exit code.
-COMMANDS = {
-    "serve": ("teacher_server.server:main", "run the teacher gRPC service"),
-    "train": ("student_trainer.cli:train_main", "train a student against a running teacher"),
-    "run": ("student_trainer.cli:run_main", "embedded default: local teacher + student on one machine"),
-    "plan": ("asymkd.planner:main", "partition planner (teacher vs student split, launch files)"),
-    "cache": ("student_trainer.cache:main", "write / inspect an offline teacher-logit cache"),
+from asymkd import __version__
+from asymkd.config import ConfigError, run_command
+
+if TYPE_CHECKING:
+    from asymkd.local_run import RunConfig
+    from student_trainer.config import CacheWriteConfig, TrainConfig
+    from teacher_server.config import ServeConfig
+
+CACHE_USAGE = """usage: asymkd cache write --config train.yaml --out DIR [--shard-rows N] [--section.key value ...]
+       asymkd cache info DIR
+
+  write   score every packed training row of the config once through teacher.targets; store the top-k
+          answers in DIR (`asymkd cache write --help` lists every key)
+  info    print what the cache in DIR holds (its manifest)"""
+
+
+# ------------------------------------------------------------------------------------------------ serve
+def serve(argv: list[str]) -> int:
+    """`asymkd serve`: exit 2 on a bad config, 1 when the model cannot load, 0 after a drain."""
+    from teacher_server.config import ServeConfig
+
+    return run_command(ServeConfig, argv, _serve, prog="asymkd serve")
+
+
+def _serve(cfg: ServeConfig) -> int:
+    import asyncio
+
+    from teacher_server.server import configure_logging
+    from teacher_server.server import serve as serve_teacher
+
+    configure_logging(cfg.log_level)
+    return asyncio.run(serve_teacher(cfg))
+
+
+# ------------------------------------------------------------------------------------------------ train
+def train(argv: list[str]) -> int:
+    """`asymkd train` (one rank, or each rank of a torchrun job)."""
+    from student_trainer.config import TrainConfig
+
+    return run_command(TrainConfig, argv, _train, prog="asymkd train")
+
+
+def _train(cfg: TrainConfig) -> int:
+    from student_trainer.parallel import destroy_distributed
+    from student_trainer.trainer import Trainer
+
+    try:
+        trainer = Trainer(cfg)  # fails fast: parallel degrees, tokenizer, data files, teacher handshake
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+    finally:
+        destroy_distributed()
+    return 0
+
+
+# -------------------------------------------------------------------------------------------------- run
+def run(argv: list[str]) -> int:
+    """`asymkd run`: a local teacher + the student on one machine (asymkd/local_run.py)."""
+    from asymkd.local_run import RunConfig
+
+    return run_command(RunConfig, argv, _run, prog="asymkd run")
+
+
+def _run(cfg: RunConfig) -> int:
+    import signal
+
+    from asymkd.local_run import run as run_local
+    from student_trainer.observability import setup_logging
+
+    setup_logging(0)
+    # SIGTERM unwinds like Ctrl-C, so the teacher child process (its own session) is stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    run_local(cfg)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ cache
+def cache(argv: list[str]) -> int:
+    """`asymkd cache write ...` / `asymkd cache info DIR`."""
+    if argv[:1] in (["-h"], ["--help"]) or argv[:2] in (["info", "-h"], ["info", "--help"]):
+        print(CACHE_USAGE)
+        return 0
+    if not argv or argv[0] not in ("write", "info"):
+        what = f"unknown command {argv[0]!r}" if argv else "a command is needed"
+        print(f"asymkd cache: {what}\n{CACHE_USAGE}", file=sys.stderr)
+        return 2
+    if argv[0] == "info":
+        return _cache_info(argv[1:])
+    from student_trainer.config import CacheWriteConfig
+
+    return run_command(CacheWriteConfig, argv[1:], _cache_write, prog="asymkd cache write")
+
+
+def _cache_write(cfg: CacheWriteConfig) -> int:
+    from student_trainer.cache import write_cache
+    from student_trainer.observability import setup_logging
+
+    setup_logging(0)
+    m = write_cache(cfg)
+    shards, secs = len(m["shards"]), m["seconds"]
+    print(f"wrote {m['rows']} rows (top_k {m['top_k']}) in {shards} shards to {cfg.out} ({secs} s)")
+    return 0
+
+
+def _cache_info(args: list[str]) -> int:
+    from pathlib import Path
+
+    try:
+        if len(args) != 1 or args[0].startswith("-"):
+            raise ConfigError(f"`asymkd cache info` takes one folder, got {args}")
+        from student_trainer.cache import read_manifest
+
+        manifest = read_manifest(Path(args[0]))
+    except ConfigError as e:
+        print(f"asymkd cache info: config error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(manifest | {"shards": len(manifest["shards"])}, indent=2))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- dispatcher
+COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "serve": (serve, "run the teacher gRPC service"),
+    "train": (train, "train a student against a teacher (servers, in process, or a cache)"),
+    "run": (run, "embedded default: local teacher + student on one machine"),
+    "cache": (cache, "write / inspect an offline teacher-logit cache"),
 }
 
 
 def _usage() -> str:
     rows = "\n".join(f"  {name:<6} {desc}" for name, (_, desc) in COMMANDS.items())
-    return f"usage: asymkd <command> [options]\n\ncommands:\n{rows}\n\n`asymkd <command> --help` for options."
+    return (
+        f"usage: asymkd <command> [options]\n\ncommands:\n{rows}\n\n"
+        "`asymkd <command> --help` for its options; `asymkd --version`."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] == "--version":
+        print(f"asymkd {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"asymkd: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    target = COMMANDS[name][0]
-    module_name, func_name = target.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name != module_name:
-            raise
-        print(f"asymkd {name}: not available in this build ({module_name} is missing)", file=sys.stderr)
-        return 2
-    return int(getattr(module, func_name)(rest) or 0)
+    return COMMANDS[name][0](rest)
 
 
 if __name__ == "__main__":

@@ -110,7 +110,8 @@ class LlamaShape:
 
 def build_model(out_dir: Path, shape: LlamaShape, *, seed: int, max_len: int = 2048) -> Path:
     """A random-init Llama with the SmolLM2 tokenizer (49,152 ids), built once per folder."""
-    from teacher_server.models import build_tiny_llama, default_teacher_dir
+    from teacher_server.models import default_teacher_dir
+    from tests.tiny_models import build_tiny_llama
 
     if (out_dir / "config.json").exists():
         return out_dir
@@ -232,6 +233,6 @@ def write_json(path: Path, data: dict) -> None:
 
 def cache_root() -> Path:
     """Where the benchmarks keep their model folders and run folders ($ASYMKD_CACHE/bench)."""
-    from teacher_server.models import cache_dir
+    from asymkd.paths import cache_dir
 
     return cache_dir() / "bench"

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import sys
 import time
@@ -34,10 +35,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/kd_throughput.py` from the root
 
+from asymkd.config import load_config
 from bench import benchlib as bl
 from bench import kd_throughput_report as report
 from bench.runner import Placement, measure, record, start_teacher
 from bench.vs_trl import PAIRS, asymkd_config, build_pair, training_batches
+from student_trainer.config import InProcessTeacherSection
 
 log = logging.getLogger("bench.kd_throughput")
 
@@ -72,9 +75,10 @@ def train_config(ctx: dict, args, kind: str) -> dict:
     pair = ctx["pair"]
     cfg = asymkd_config(ctx["student"], pair, args, beta=0.0, signal=None if kind == "ce" else "top_k")
     cfg["distill"]["loss"] = "forward_kl"
-    if kind == "in_process":  # the server's flags, as `asymkd serve` flags for the in-process teacher
-        in_process_args = ["--dtype", pair.dtype, *args.serve_args]
-        cfg["teacher"] |= {"in_process": str(ctx["teacher"]), "in_process_args": in_process_args}
+    if kind == "in_process":  # the server's flags, as the `asymkd serve` keys of the in-process teacher
+        serve_args = ["--model", str(ctx["teacher"]), "--dtype", pair.dtype, *args.serve_args]
+        in_process = load_config(InProcessTeacherSection, None, serve_args)
+        cfg["teacher"] |= {"in_process": dataclasses.asdict(in_process)}
     return cfg
 
 

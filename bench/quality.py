@@ -97,9 +97,9 @@ def eval_rows(data_cfg: dict, teacher_dir: Path) -> dict:
     """The held-out rows the trainer evaluates on (its own split and packing)."""
     from transformers import AutoTokenizer
 
+    from asymkd.contract import tokenizer_hash
     from student_trainer.config import DataSection
     from student_trainer.data import load_packs
-    from teacher_server.models import tokenizer_hash
 
     data = DataSection(**data_cfg)
     tok = AutoTokenizer.from_pretrained(teacher_dir)

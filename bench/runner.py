@@ -312,7 +312,7 @@ def teacher_alone(
     """Scoring throughput of a teacher server on the training batches (the requests the trainer's feed
     sends: same rows, same score_from), pipelined on ScoreStream like the feed. samples/s after warm-up."""
     from student_trainer.config import DistillSection
-    from student_trainer.teacher_feed import build_query
+    from student_trainer.sources.live import build_query
     from teacher_server.client import TeacherClient
 
     distill = DistillSection(signal=signal, top_k=top_k if signal == "top_k" else DistillSection.top_k)

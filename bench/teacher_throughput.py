@@ -32,13 +32,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/...` from a checkout
 
+from asymkd.config import load_config
+from asymkd.contract import Signal
 from bench import benchlib as bl
 from teacher_server.backends import build_backend
-from teacher_server.backends.base import ScoreItem, ScoreParams, Signal
+from teacher_server.backends.base import ScoreItem, ScoreParams
 from teacher_server.client import TeacherClient
+from teacher_server.config import ServeConfig
 from teacher_server.launch import LocalTeacher
 from teacher_server.models import default_teacher_dir
-from teacher_server.server import parse_config
 
 log = logging.getLogger("bench")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -121,7 +123,7 @@ class InProcess:
 
     def __init__(self, argv: list[str]):
         self.loop = asyncio.new_event_loop()
-        self.backend = build_backend(parse_config(argv))
+        self.backend = build_backend(load_config(ServeConfig, None, argv))
         self.loop.run_until_complete(self.backend.start())
 
     def score(self, seqs: list[torch.Tensor], case: Case) -> None:

@@ -117,9 +117,9 @@ def training_batches(student_dir: Path, pair: Pair, steps: int, seed: int) -> li
     """The exact micro-batches `asymkd train` will train on (its data pipeline, its seeded order)."""
     from transformers import AutoTokenizer
 
+    from asymkd.contract import tokenizer_hash
     from student_trainer.config import DataSection
     from student_trainer.data import PackedDataset, load_packs
-    from teacher_server.models import tokenizer_hash
 
     data = DataSection(builtin="stdlib-docs", seq_len=pair.seq_len)
     tok = AutoTokenizer.from_pretrained(student_dir)

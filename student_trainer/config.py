@@ -1,26 +1,38 @@
 """`asymkd train` configuration: one root dataclass (`TrainConfig`) made of one section per component.
 
-Values come from the defaults below < a YAML file < `--section.key value` flags (see asymkd/configs.py);
-unknown keys are rejected, and the resolved config is written to `<run.out_dir>/config.yaml`.
+Values come from the defaults below < a YAML file < `--section.key value` flags (asymkd/config.py loads
+them); unknown keys are rejected, and the resolved config is written to `<run.out_dir>/config.yaml`.
 
     asymkd train --config run.yaml --optim.lr 3e-4 --run.steps 200
-    asymkd train --help                         # every key with its type and default
+    asymkd train --help                         # every key with its type, default and the text below it
 
 Each section validates itself in `__post_init__` (messages name the key and the value); `TrainConfig`
-cross-checks sections once at start. Components get only the section they need.
+cross-checks sections once at start. Components get only the section they need. `CacheWriteConfig` is
+`TrainConfig` plus the keys of `asymkd cache write`.
 """
 
 from __future__ import annotations
 
 import re
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
+from teacher_server.config import ServeConfig
+
 # Short names accepted for dtypes; stored in their canonical torch spelling.
 _DTYPE_ALIASES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
-# Names used in the design notes -> the names of student_trainer/losses.py.
+# losses.py LOSS_NAMES + design-note aliases (a unit test keeps them equal; --help needs no torch import).
+LossName = Literal[
+    "forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl", "skew_kl", "skew_rkl"
+]
 _LOSS_ALIASES = {"skew_kl": "skew_forward_kl", "skew_rkl": "skew_reverse_kl"}
-_HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.\-]+):\d{1,5}$")
+# Teacher addresses: host:port, or a gRPC target URI (https://github.com/grpc/grpc/blob/master/doc/naming.md).
+_HOST, _V6 = r"(\[[0-9a-fA-F:]+\]|[\w.\-]+)", r"(\[[0-9a-fA-F:]+\]:\d+|[0-9a-fA-F:]+)"
+_V4 = r"\d{1,3}(\.\d{1,3}){3}(:\d+)?"
+_TARGET = re.compile(
+    rf"^({_HOST}:\d+|dns:(//[^/]*/)?{_HOST}(:\d+)?|ipv4:{_V4}(,{_V4})*|ipv6:{_V6}(,{_V6})*|unix:.+)$"
+)
 
 
 def _check(checks: dict[str, bool], section: object) -> None:
@@ -41,18 +53,30 @@ def _canonical_dtype(value: str, key: str, allowed: tuple[str, ...]) -> str:
 class ModelSection:
     """The student: an HF folder (`path`), or a random-init Llama from the architecture keys below."""
 
-    path: str = ""  # HF model folder; "" = random init from the keys below
-    tokenizer: str = ""  # tokenizer folder; "" = `path`
+    path: str = ""
+    """HF model folder; "" = random init from the keys below"""
+    tokenizer: str = ""
+    """tokenizer folder; "" = `path`"""
     hidden_size: int = 256
+    """random init: the model width"""
     num_layers: int = 4
+    """random init: decoder blocks"""
     num_heads: int = 4
-    num_kv_heads: int = 0  # 0 = num_heads
-    intermediate_size: int = 0  # 0 = 4 × hidden_size
-    vocab_size: int = 0  # random init: 0 = the tokenizer's; larger pads the vocab (e.g. to the teacher's)
+    """random init: attention heads"""
+    num_kv_heads: int = 0
+    """random init: key/value heads (grouped-query attention); 0 = num_heads"""
+    intermediate_size: int = 0
+    """random init: MLP width; 0 = 4 × hidden_size"""
+    vocab_size: int = 0
+    """random init: 0 = the tokenizer's; larger pads the vocab (e.g. to the teacher's)"""
     max_position_embeddings: int = 2048
+    """random init: the longest sequence"""
     tie_word_embeddings: bool = False
-    dtype: str = "float32"  # master weights (FSDP mixed precision casts for compute)
+    """random init: the output layer shares the input embedding"""
+    dtype: str = "float32"
+    """master weights (FSDP mixed precision casts for compute): float32 | bfloat16 (fp32, bf16)"""
     attn_implementation: str = "sdpa"
+    """transformers attention implementation (sdpa, eager, ...)"""
 
     def __post_init__(self) -> None:
         self.dtype = _canonical_dtype(self.dtype, "dtype", ("float32", "bfloat16"))
@@ -79,19 +103,28 @@ class ModelSection:
 class DataSection:
     """Training text: local files (never a hub) or a corpus built by code (`builtin`)."""
 
-    paths: list[str] = field(default_factory=list)  # files or folders (.txt/.md/.rst, .jsonl/.json, .parquet)
-    builtin: str = ""  # "stdlib-docs": docstrings of Python's standard library, made once, cached
-    # auto: by file extension (plain documents). text|jsonl|parquet: plain documents from those files.
-    # messages: records with a chat `messages` list; prompt_completion: `prompt` + `completion` strings.
-    # Both mask the prompt: only the completion (the last assistant turn) is a training target.
+    paths: list[str] = field(default_factory=list)
+    """files or folders (.txt/.md/.rst, .jsonl/.json, .parquet)"""
+    builtin: str = ""
+    """"stdlib-docs": docstrings of Python's standard library, made once, cached"""
     format: Literal["auto", "text", "jsonl", "parquet", "messages", "prompt_completion"] = "auto"
-    text_field: str = "text"  # jsonl/parquet column holding plain documents
-    text_sample_by: Literal["line", "paragraph", "document"] = "paragraph"  # what one document is in .txt
-    seq_len: int = 512  # tokens per packed row; a row gives seq_len - 1 targets
-    eval_fraction: float = 0.0  # held-out share of the documents (split before packing)
-    eval_path: list[str] = field(default_factory=list)  # or held-out files
-    shuffle: bool = True  # shuffle packed rows per epoch (seeded by run.seed)
-    cache: bool = True  # keep tokenized packs under $ASYMKD_CACHE/packs (keyed by files, tokenizer, seq_len)
+    """auto: by file extension (plain documents). text|jsonl|parquet: plain documents from those files.
+    messages: records with a chat `messages` list; prompt_completion: `prompt` + `completion` strings.
+    Both mask the prompt: only the completion (the last assistant turn) is a training target."""
+    text_field: str = "text"
+    """jsonl/parquet column holding plain documents"""
+    text_sample_by: Literal["line", "paragraph", "document"] = "paragraph"
+    """what one document is in .txt"""
+    seq_len: int = 512
+    """tokens per packed row; a row gives seq_len - 1 targets"""
+    eval_fraction: float = 0.0
+    """held-out share of the documents (split before packing)"""
+    eval_path: list[str] = field(default_factory=list)
+    """or held-out files"""
+    shuffle: bool = True
+    """shuffle packed rows per epoch (seeded by run.seed)"""
+    cache: bool = True
+    """keep tokenized packs under $ASYMKD_CACHE/packs (keyed by files, tokenizer, seq_len)"""
 
     def __post_init__(self) -> None:
         if self.paths and self.builtin:
@@ -111,15 +144,25 @@ class OptimSection:
     """AdamW with linear warmup then cosine (or constant) decay; gradient accumulation and clipping."""
 
     lr: float = 3e-4
-    weight_decay: float = 0.1  # on matrices only (norms and biases are not decayed)
+    """peak learning rate"""
+    weight_decay: float = 0.1
+    """on matrices only (norms and biases are not decayed)"""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW (beta1, beta2)"""
     eps: float = 1e-8
+    """AdamW epsilon"""
     warmup_steps: int = 0
+    """linear warmup from 0 to lr"""
     schedule: Literal["cosine", "constant"] = "cosine"
-    min_lr_ratio: float = 0.1  # cosine ends at lr × min_lr_ratio
-    grad_clip: float = 1.0  # max global grad norm; 0 = off
-    micro_batch_size: int = 8  # rows per rank per micro-batch
+    """the decay after warmup"""
+    min_lr_ratio: float = 0.1
+    """cosine ends at lr × min_lr_ratio"""
+    grad_clip: float = 1.0
+    """max global grad norm; 0 = off"""
+    micro_batch_size: int = 8
+    """rows per rank per micro-batch"""
     grad_accum_steps: int = 1
+    """micro-batches per optimizer step"""
 
     def __post_init__(self) -> None:
         _check(
@@ -142,21 +185,25 @@ class OptimSection:
 class ParallelSection:
     """FSDP2 over all ranks of the torchrun job (dp_replicate > 1 gives HSDP)."""
 
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
-    param_dtype: str = "auto"  # compute dtype; auto = float32 on CPU, bfloat16 on CUDA
-    reduce_dtype: str = "float32"  # gradient reduce-scatter dtype; bf16 halves the traffic
-    activation_checkpointing: bool = False  # recompute each decoder block in backward
-    reshard_after_forward: bool = True  # False keeps gathered params until backward (more memory, less comm)
-    dp_shard: int = -1  # ranks a parameter is sharded over; -1 = WORLD_SIZE / dp_replicate
-    dp_replicate: int = 1  # replicas of the sharded group (HSDP)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto = cuda when available"""
+    param_dtype: str = "auto"
+    """compute dtype; auto = float32 on CPU, bfloat16 on CUDA"""
+    reduce_dtype: str = "float32"
+    """gradient reduce-scatter dtype; bf16 halves the traffic"""
+    activation_checkpointing: bool = False
+    """recompute each decoder block in backward"""
+    reshard_after_forward: bool = True
+    """False keeps gathered params until backward (more memory, less comm)"""
+    dp_shard: int = -1
+    """ranks a parameter is sharded over; -1 = WORLD_SIZE / dp_replicate"""
+    dp_replicate: int = 1
+    """replicas of the sharded group (HSDP)"""
 
     def __post_init__(self) -> None:
         dtypes = ("float32", "bfloat16")
-        self.param_dtype = (
-            "auto"
-            if self.param_dtype == "auto"
-            else _canonical_dtype(self.param_dtype, "param_dtype", dtypes)
-        )
+        if self.param_dtype != "auto":
+            self.param_dtype = _canonical_dtype(self.param_dtype, "param_dtype", dtypes)
         self.reduce_dtype = _canonical_dtype(self.reduce_dtype, "reduce_dtype", dtypes)
         _check(
             {"dp_shard": self.dp_shard == -1 or self.dp_shard >= 1, "dp_replicate": self.dp_replicate >= 1},
@@ -168,22 +215,29 @@ class ParallelSection:
 class DistillSection:
     """The KD objective: loss = kd_weight · KD + ce_weight · CE, each a mean over target tokens."""
 
-    signal: Literal["top_k", "full"] = "top_k"  # what the teacher sends per row
+    signal: Literal["top_k", "full"] = "top_k"
+    """what the teacher sends per row"""
     top_k: int = 64
-    temperature: float = 1.0  # applied by the teacher server; the student divides its logits by it
-    loss: str = "forward_kl"  # forward_kl | reverse_kl | jsd | tvd | skew_forward_kl (skew_kl) | skew_reverse_kl (skew_rkl)
-    beta: float = 0.5  # generalized JSD: 0 = forward KL, 1 = reverse KL
-    alpha: float = 0.1  # skew KL mixing
+    """top_k signal: teacher ids per row (the rest is one tail bucket)"""
+    temperature: float = 1.0
+    """applied by the teacher server; the student divides its logits by it"""
+    loss: LossName = "forward_kl"
+    """the divergence; skew_kl = skew_forward_kl, skew_rkl = skew_reverse_kl"""
+    beta: float = 0.5
+    """generalized JSD: 0 = forward KL, 1 = reverse KL"""
+    alpha: float = 0.1
+    """skew KL mixing"""
     kd_weight: float = 1.0
-    ce_weight: float = 0.0  # CE on the true next token (T = 1); without teacher targets the loss is CE only
-    chunk_rows: int = 1024  # FULL signal: loss rows per chunk (recomputed in backward); 0 = all rows at once
+    """weight of the KD term"""
+    ce_weight: float = 0.0
+    """CE on the true next token (T = 1); without teacher targets the loss is CE only"""
+    chunk_rows: int = 1024
+    """FULL signal: loss rows per chunk (recomputed in backward); 0 = all rows at once"""
 
     def __post_init__(self) -> None:
-        from student_trainer.losses import LOSS_NAMES
-
+        if self.loss not in typing.get_args(LossName):
+            raise ValueError(f"loss={self.loss!r} is not one of {list(typing.get_args(LossName))}")
         self.loss = _LOSS_ALIASES.get(self.loss, self.loss)
-        if self.loss not in LOSS_NAMES:
-            raise ValueError(f"loss={self.loss!r} is not one of {list(LOSS_NAMES) + list(_LOSS_ALIASES)}")
         _check(
             {
                 "top_k": self.top_k >= 1,
@@ -201,39 +255,58 @@ class DistillSection:
 
 
 @dataclass
+class InProcessTeacherSection(ServeConfig):
+    """The in-process teacher: the keys of `asymkd serve` (its backend, dtype, limits), run in the trainer."""
+
+    model: str = ""
+    """an HF folder, a .gguf file or "default" (the embedded SmolLM2-135M-Instruct); required"""
+    device: str = ""
+    """"" = the student's device"""
+
+
+@dataclass
 class TeacherSection:
-    """Where the teacher runs: teacher servers (`targets`, balanced with failover), or in this process
-    (`in_process`: no gRPC, each micro-batch is scored then trained on, one after the other), or an offline
-    cache of its answers (`cache`). None of them = CE-only.
+    """Where the teacher runs: servers (targets), in this process (in_process) or a cache; none = CE-only.
+
+    `targets` are balanced with failover; `in_process` has no gRPC (each micro-batch is scored then trained
+    on, one after the other); `cache` reads the teacher's answers from disk.
     """
 
-    targets: list[str] = field(default_factory=list)  # "host:port" of teacher replicas
-    # In-process teacher (inprocess_teacher.py): an HF folder, a .gguf file or "default", loaded on each rank
-    # by the backend `asymkd serve` builds. No prefetch: the student waits for every teacher forward.
-    in_process: str = ""
-    # More `asymkd serve` flags for the in-process teacher (ServeConfig: --dtype, --max-batch-tokens,
-    # --backend, --config serve.yaml, ...); its --device defaults to the student's.
-    in_process_args: list[str] = field(default_factory=list)
-    # Offline cache (cache.py, written by `asymkd cache write`): teacher answers read from disk, no teacher.
+    targets: list[str] = field(default_factory=list)
+    """teacher replicas: "host:port" or gRPC target URIs (dns:///name:port, ipv4:a:p,b:p, unix:/path)"""
+    in_process: InProcessTeacherSection | str | None = None
+    """in-process teacher (sources/in_process.py; no prefetch: the student waits for every teacher forward):
+    `{model: PATH, dtype: bfloat16, ...}` (`asymkd serve` keys, `--teacher.in_process.help`; device defaults
+    to the student's), or the model alone (an HF folder, a .gguf file or "default")"""
     cache: str = ""
-    prefetch: int = 4  # batches in flight to the teacher ahead of the one being trained on
-    timeout_s: float = 60.0  # deadline per request
-    max_retries: int = 5  # per request, on UNAVAILABLE / RESOURCE_EXHAUSTED, with backoff (client level)
-    retry_deadline_s: float = 300.0  # feed level: resend held batches until no answer came for this long
-    # Accept a teacher vocab smaller than the student's (e.g. 151936 vs 152064): the extra student ids are
-    # ids the tokenizer never produces; they count as teacher probability 0 (top-k: in the tail bucket).
+    """offline cache (cache.py, written by `asymkd cache write`): teacher answers read from disk, no teacher"""
+    prefetch: int = 4
+    """batches in flight to the teacher ahead of the one being trained on"""
+    timeout_s: float = 60.0
+    """deadline per request"""
+    max_retries: int = 5
+    """per request, on UNAVAILABLE / RESOURCE_EXHAUSTED, with backoff (client level)"""
+    retry_deadline_s: float = 300.0
+    """feed level: resend held batches until no answer came for this long"""
     allow_padded_vocab: bool = False
+    """accept a teacher vocab smaller than the student's (e.g. 151936 vs 152064): the extra student ids are
+    ids the tokenizer never produces; they count as teacher probability 0 (top-k: in the tail bucket)"""
 
     def __post_init__(self) -> None:
-        bad = [t for t in self.targets if not _HOST_PORT.match(t)]
+        bad = [t for t in self.targets if not _TARGET.match(t)]
         if bad:
-            raise ValueError(f"targets {bad} are not host:port")
+            raise ValueError(f"targets {bad} are not host:port or a gRPC URI (dns:, ipv4:, ipv6:, unix:)")
+        if isinstance(self.in_process, str):  # the shorthand `in_process: MODEL`
+            if self.in_process.lstrip().startswith("{"):  # a section jsonargparse could not read as one
+                raise ValueError(f"in_process={self.in_process!r} is neither a model nor `asymkd serve` keys")
+            self.in_process = InProcessTeacherSection(model=self.in_process)
+        if self.in_process is not None and not self.in_process.model:
+            raise ValueError("in_process.model is empty (in_process.KEY flags replace `in_process: MODEL`)")
         sources = {"targets": self.targets, "in_process": self.in_process, "cache": self.cache}
         if sum(bool(v) for v in sources.values()) > 1:
-            given = ", ".join(f"{k}={v!r}" for k, v in sources.items() if v)
-            raise ValueError(f"set one teacher source (targets, in_process or cache), got {given}")
-        if self.in_process_args and not self.in_process:
-            raise ValueError(f"in_process_args={self.in_process_args!r} needs in_process (the teacher model)")
+            given = {**sources, "in_process": self.in_process.model if self.in_process else None}
+            text = ", ".join(f"{k}={v!r}" for k, v in given.items() if v)
+            raise ValueError(f"set one teacher source (targets, in_process or cache), got {text}")
         _check(
             {
                 "prefetch": self.prefetch >= 1,
@@ -248,11 +321,16 @@ class TeacherSection:
 class CheckpointSection:
     """DCP checkpoints (model, optimizer, scheduler, data position, RNG, step) and the final HF export."""
 
-    dir: str = ""  # "" = <run.out_dir>/checkpoints
-    every_steps: int = 0  # 0 = only at the end of the run
-    keep: int = 2  # newest checkpoints kept
-    resume: bool | str = False  # true = the newest checkpoint in `dir` (none: start fresh); or a step folder
-    export: bool = True  # save_pretrained + tokenizer to <run.out_dir>/final at the end
+    dir: str = ""
+    """"" = <run.out_dir>/checkpoints"""
+    every_steps: int = 0
+    """0 = only at the end of the run"""
+    keep: int = 2
+    """newest checkpoints kept"""
+    resume: bool | str = False
+    """true = the newest checkpoint in `dir` (none: start fresh); or a step folder"""
+    export: bool = True
+    """save_pretrained + tokenizer to <run.out_dir>/final at the end"""
 
     def __post_init__(self) -> None:
         if not isinstance(self.resume, bool | str):
@@ -262,9 +340,14 @@ class CheckpointSection:
 
 @dataclass
 class MetricsSection:
-    log_every: int = 1  # steps between progress lines (rank 0)
-    jsonl: str = "metrics.jsonl"  # one record per step (sample ids included), under run.out_dir; "" = off
-    tensorboard: bool = False  # also write TensorBoard events (if the package is installed)
+    """Progress lines (rank 0) and per-step records."""
+
+    log_every: int = 1
+    """steps between progress lines (rank 0)"""
+    jsonl: str = "metrics.jsonl"
+    """one record per step (sample ids included), under run.out_dir; "" = off"""
+    tensorboard: bool = False
+    """also write TensorBoard events (if the package is installed)"""
 
     def __post_init__(self) -> None:
         _check({"log_every": self.log_every >= 1}, self)
@@ -272,11 +355,18 @@ class MetricsSection:
 
 @dataclass
 class RunSection:
+    """The run: where it writes, how long it trains, its seed and evaluations."""
+
     out_dir: str = "runs/student"
-    steps: int = 100  # optimizer steps
-    seed: int = 0  # model init, data order
-    eval_every: int = 0  # steps between held-out evaluations; 0 = only at the end (when there is eval data)
-    eval_batches: int = 4  # micro-batches per rank per evaluation
+    """config.yaml, metrics, checkpoints and the export go here"""
+    steps: int = 100
+    """optimizer steps"""
+    seed: int = 0
+    """model init, data order"""
+    eval_every: int = 0
+    """steps between held-out evaluations; 0 = only at the end (when there is eval data)"""
+    eval_batches: int = 4
+    """micro-batches per rank per evaluation"""
 
     def __post_init__(self) -> None:
         _check(
@@ -291,6 +381,8 @@ class RunSection:
 
 @dataclass
 class TrainConfig:
+    """Train a student against a teacher (servers, in process, or a cache); CE only without one."""
+
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
@@ -326,4 +418,20 @@ class TrainConfig:
 
     @property
     def uses_teacher(self) -> bool:
-        return bool(self.teacher.targets or self.teacher.in_process or self.teacher.cache)
+        return bool(self.teacher.targets or self.teacher.in_process is not None or self.teacher.cache)
+
+
+@dataclass
+class CacheWriteConfig(TrainConfig):
+    """`asymkd cache write`: score every packed training row of this config once, through teacher.targets."""
+
+    out: str = ""
+    """the cache folder to write (required)"""
+    shard_rows: int = 1024
+    """rows per safetensors shard"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.out:
+            raise ValueError(f"out={self.out!r}: --out DIR is required (the folder the cache is written to)")
+        _check({"shard_rows": self.shard_rows >= 1}, self)

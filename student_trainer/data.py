@@ -35,8 +35,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from asymkd.contract import tokenizer_hash
+from asymkd.paths import cache_dir
 from student_trainer.config import DataSection
-from teacher_server.models import cache_dir
 
 log = logging.getLogger("asymkd.student")
 
@@ -301,6 +302,11 @@ def _load_packs(path: Path) -> dict[str, PackedRows]:
         return {
             k: PackedRows(z[f"{k}_tokens"], z[f"{k}_mask"]) for k in ("train", "eval") if f"{k}_tokens" in z
         }
+
+
+def tokenizer_id(tokenizer_dir: str | Path) -> str:
+    """What keys a pack in the cache: the tokenizer's fingerprint (its folder if it has no tokenizer.json)."""
+    return tokenizer_hash(tokenizer_dir) or str(Path(tokenizer_dir).resolve())
 
 
 def load_packs(

@@ -23,17 +23,16 @@ Conventions (see the functions for details):
   where it truly is (e.g. reverse KL with student mass where the teacher has none).
 - Padded vocabulary: the student may have more columns than the teacher (V_s ≥ V_t, e.g. 151936 → 152064).
   Sparse: the extra student columns belong to the tail bucket. Dense: teacher log-probs beyond V_t are -inf.
-- Mixing: loss = (1 − ce_weight)·KD + ce_weight·CE. Losses are *sums* over valid rows; the trainer divides
-  by the global number of target tokens (across accumulation steps and ranks), see ``combine_loss_sums``.
+- Sums, not a mix: ``distill_loss`` returns the KD sum and the CE sum (whenever targets are given) over the
+  valid rows, separately; the caller weights and adds them (the trainer: kd_weight·KD + ce_weight·CE) and
+  divides by the global number of target tokens (across accumulation steps and ranks).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -158,12 +157,12 @@ class KDSpec:
 class LossOutput:
     """Loss sums over the valid rows, plus diagnostics (means over valid rows, detached).
 
-    ``loss_sum = (1 − ce_weight)·kd_sum + ce_weight·ce_sum``. ``teacher_mass_in_support`` is Σ exp(teacher
-    log-probs given), i.e. 1 − tail for TOP_K; ``student_mass_in_teacher_topk`` is the student mass on the same
-    ids (on the first V_t columns for dense teachers). Both are 0 when there are no valid rows.
+    ``kd_sum`` is the KD term (× T² unless ``scale_t2=False``); ``ce_sum`` the CE at T = 1 (0 without
+    targets); both differentiable, neither weighted. ``teacher_mass_in_support`` is Σ exp(teacher log-probs
+    given), i.e. 1 − tail for TOP_K; ``student_mass_in_teacher_topk`` is the student mass on the same ids (on
+    the first V_t columns for dense teachers). Both are 0 when there are no valid rows.
     """
 
-    loss_sum: Tensor
     kd_sum: Tensor
     ce_sum: Tensor
     num_tokens: int
@@ -179,44 +178,29 @@ def _dense_pair(z: Tensor, t_lp: Tensor) -> tuple[Tensor, ...]:
     return lp, lq, torch.logsumexp(t_lp, -1).exp(), torch.logsumexp(lq[:, :v_t], -1).exp()
 
 
-def _chunk_sums(
-    student_rows: Callable[[Tensor], Tensor] | None,
-    x: Tensor,
+def _sparse_sums(
+    logits: Tensor,
     t_lp: Tensor,
-    t_ids: Tensor | None,
-    t_tail: Tensor | None,
+    t_ids: Tensor,
+    t_tail: Tensor,
     targets: Tensor | None,
     mask: Tensor,
-    *,
     spec: KDSpec,
 ) -> Tensor:
-    """One chunk of rows → tensor [kd_sum, ce_sum, teacher_mass_sum, student_mass_sum] over rows in ``mask``.
+    """All rows → [kd_sum, ce_sum, teacher_mass_sum, student_mass_sum] over rows in ``mask``, through the fused
+    K+1-class kernel (sparse_kd.py), which skips masked rows itself and needs no chunks."""
+    div = partial(divergence, loss=spec.loss, beta=spec.beta, alpha=spec.alpha)
+    kd, ce, s_mass = sparse_kd_sums(
+        logits, t_ids, t_lp, t_tail, targets, mask, div, temperature=spec.temperature, scale_t2=spec.scale_t2
+    )
+    if targets is not None and spec.temperature != 1.0:  # the kernel's CE is at T = 1 only
+        ce = ce_loss_sum(logits, targets, mask)
+    t_mass = torch.logsumexp(t_lp[mask].to(kd.dtype), -1).exp().sum()
+    return torch.stack([kd, ce.to(kd.dtype), t_mass, s_mass])
 
-    Sparse: the fused K+1-class kernel (sparse_kd.py) on all rows, masked rows skipped inside. Dense: every row
-    given must be valid (the caller selects them).
-    """
-    logits = x if student_rows is None else student_rows(x)
-    if t_lp.shape[-1] > logits.shape[-1]:
-        what = "vocab size" if t_ids is None else "top-k k"
-        raise ValueError(f"teacher {what}={t_lp.shape[-1]} exceeds student vocab {logits.shape[-1]}")
-    if t_ids is not None:
-        assert t_tail is not None
-        div = partial(divergence, loss=spec.loss, beta=spec.beta, alpha=spec.alpha)
-        kd, ce, s_mass = sparse_kd_sums(
-            logits,
-            t_ids,
-            t_lp,
-            t_tail,
-            targets,
-            mask,
-            div,
-            temperature=spec.temperature,
-            scale_t2=spec.scale_t2,
-        )
-        if targets is not None and spec.temperature != 1.0:  # the kernel's CE is at T = 1 only
-            ce = ce_loss_sum(logits, targets, mask)
-        t_mass = torch.logsumexp(t_lp[mask].to(kd.dtype), -1).exp().sum()
-        return torch.stack([kd, ce.to(kd.dtype), t_mass, s_mass])
+
+def _dense_sums(logits: Tensor, t_lp: Tensor, targets: Tensor | None, *, spec: KDSpec) -> Tensor:
+    """One chunk of valid rows (the caller selects them) → [kd_sum, ce_sum, teacher_mass_sum, student_mass_sum]."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 → fp32, fp64 stays fp64
     z = logits / spec.temperature
     lp, lq, t_mass, s_mass = _dense_pair(z, t_lp.to(z.dtype))
@@ -246,72 +230,7 @@ def _flat_inputs(
     return tuple(flat)  # type: ignore[return-value]
 
 
-def _run_chunks(
-    student_rows: Callable[[Tensor], Tensor] | None,
-    source: Tensor,
-    teacher: tuple[Tensor, Tensor | None, Tensor | None],
-    targets: Tensor | None,
-    mask: Tensor,
-    *,
-    spec: KDSpec,
-    ce_weight: float,
-    chunk_rows: int | None,
-) -> LossOutput:
-    """Sum ``_chunk_sums`` over the valid rows. ``student_rows`` maps source rows to logits (None: the source
-    is the logits). TOP_K on whole logits runs the fused kernel once (it needs no chunks); otherwise valid rows
-    are selected and processed in chunks, each recomputed in backward when ``chunk_rows`` is set."""
-    if not 0.0 <= ce_weight <= 1.0:
-        raise ValueError(f"ce_weight must be in [0, 1], got {ce_weight}")
-    if ce_weight > 0.0 and targets is None:
-        raise ValueError(f"ce_weight={ce_weight} needs targets")
-    if chunk_rows is not None and chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    n = source.shape[0]
-    t_lp, t_ids, t_tail, targets, mask = _flat_inputs(n, teacher, targets, mask)
-
-    valid = mask.nonzero().squeeze(1)
-    num = valid.numel()
-    fn = partial(_chunk_sums, student_rows, spec=spec)
-    if t_ids is not None and (student_rows is None or chunk_rows is None):  # masked rows skipped inside
-        sums = [fn(source, t_lp, t_ids, t_tail, targets, mask)]
-    else:  # dense, or chunked: prompt/padding rows never reach the vocab-sized work
-        sums, step = [], max(num if chunk_rows is None else chunk_rows, 1)
-        for start in range(0, max(num, 1), step):  # one (empty) chunk when num == 0 keeps the graph connected
-            idx = valid[start : start + step]
-            args = [source[idx], t_lp[idx]] + [
-                None if t is None else t[idx] for t in (t_ids, t_tail, targets)
-            ]
-            args.append(mask[idx])
-            if chunk_rows is not None and torch.is_grad_enabled():
-                sums.append(checkpoint(fn, *args, use_reentrant=False))  # keep one chunk's (R, V) at a time
-            else:
-                sums.append(fn(*args))
-    kd_sum, ce_sum, t_mass, s_mass = torch.stack(sums).sum(0).unbind()
-    return LossOutput(
-        loss_sum=combine_loss_sums(kd_sum, ce_sum, ce_weight=ce_weight),
-        kd_sum=kd_sum,
-        ce_sum=ce_sum,
-        num_tokens=num,
-        teacher_mass_in_support=t_mass / max(num, 1),
-        student_mass_in_teacher_topk=s_mass / max(num, 1),
-    )
-
-
 # ------------------------------------------------------------------------------------------------ public API
-def combine_loss_sums(
-    kd_sum: Tensor, ce_sum: Tensor, *, ce_weight: float, normalizer: float | Tensor = 1.0
-) -> Tensor:
-    """((1 − ce_weight)·kd_sum + ce_weight·ce_sum) / normalizer.
-
-    ``normalizer`` is typically the global number of target tokens over accumulation steps and ranks; values
-    below 1 count as 1, so an all-masked step gives 0, not NaN.
-    """
-    total = (1.0 - ce_weight) * kd_sum + ce_weight * ce_sum
-    if isinstance(normalizer, Tensor):
-        return total / normalizer.clamp(min=1)
-    return total / max(normalizer, 1)
-
-
 def distill_loss(
     student_logits: Tensor,
     teacher_logprobs: Tensor,
@@ -320,7 +239,6 @@ def distill_loss(
     teacher_ids: Tensor | None = None,
     teacher_tail: Tensor | None = None,
     targets: Tensor | None = None,
-    ce_weight: float = 0.0,
     chunk_rows: int | None = None,
     loss: str = "forward_kl",
     beta: float = 0.5,
@@ -328,49 +246,49 @@ def distill_loss(
     temperature: float = 1.0,
     scale_t2: bool = True,
 ) -> LossOutput:
-    """(1 − ce_weight)·KD + ce_weight·CE, summed over rows where ``mask`` is true.
+    """KD sum and, with ``targets``, CE sum over rows where ``mask`` is true, returned separately (unmixed).
 
-    student_logits (N, V_s) or (B, T, V_s); mask (N,) bool; targets (N,) token ids (CE at T = 1).
-    Sparse teacher (TOP_K): ``teacher_ids`` (N, k) distinct ids, ``teacher_logprobs`` (N, k), ``teacher_tail``
-    (N,) = log of the mass outside the top-k (-inf when none). Dense teacher (FULL): ``teacher_logprobs``
-    (N, V_t), V_t ≤ V_s. ``chunk_rows`` (dense only) processes valid rows in chunks, recomputing each in
-    backward; the sparse kernel needs none (it keeps nothing rows × vocab but the logits given).
+    student_logits (N, V_s) or (B, T, V_s); mask (N,) bool; targets (N,) token ids (CE at T = 1). Every other
+    row argument has the same leading shape as the logits. Sparse teacher (TOP_K): ``teacher_ids`` (N, k)
+    distinct ids, ``teacher_logprobs`` (N, k), ``teacher_tail`` (N,) = log of the mass outside the top-k
+    (-inf when none); the fused kernel runs once on all rows and needs no chunks. Dense teacher (FULL):
+    ``teacher_logprobs`` (N, V_t), V_t ≤ V_s; only the valid rows are selected, and ``chunk_rows`` (FULL only,
+    ignored for TOP_K) processes them in chunks of that many rows, each recomputed in backward, so at most
+    one chunk's (chunk_rows, V_s) intermediates are held.
     """
     spec = KDSpec(loss, beta, alpha, temperature, scale_t2)
-    return _run_chunks(
-        None,
-        student_logits.reshape(-1, student_logits.shape[-1]),
-        (teacher_logprobs, teacher_ids, teacher_tail),
-        targets,
-        mask,
-        spec=spec,
-        ce_weight=ce_weight,
-        chunk_rows=chunk_rows,
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    logits = student_logits.reshape(-1, student_logits.shape[-1])
+    teacher = (teacher_logprobs, teacher_ids, teacher_tail)
+    t_lp, t_ids, t_tail, targets, mask = _flat_inputs(logits.shape[0], teacher, targets, mask)
+    if t_lp.shape[-1] > logits.shape[-1]:
+        what = "vocab size" if t_ids is None else "top-k k"
+        raise ValueError(f"teacher {what}={t_lp.shape[-1]} exceeds student vocab {logits.shape[-1]}")
+
+    valid = mask.nonzero().squeeze(1)
+    num = valid.numel()
+    if t_ids is not None:
+        assert t_tail is not None
+        sums = [_sparse_sums(logits, t_lp, t_ids, t_tail, targets, mask, spec)]
+    else:  # prompt/padding rows never reach the vocab-sized work
+        fn = partial(_dense_sums, spec=spec)
+        sums, step = [], max(num if chunk_rows is None else chunk_rows, 1)
+        for start in range(0, max(num, 1), step):  # one (empty) chunk when num == 0 keeps the graph connected
+            idx = valid[start : start + step]
+            args = (logits[idx], t_lp[idx], None if targets is None else targets[idx])
+            if chunk_rows is not None and torch.is_grad_enabled():
+                sums.append(checkpoint(fn, *args, use_reentrant=False))  # keep one chunk's (R, V) at a time
+            else:
+                sums.append(fn(*args))
+    kd_sum, ce_sum, t_mass, s_mass = torch.stack(sums).sum(0).unbind()
+    return LossOutput(
+        kd_sum=kd_sum,
+        ce_sum=ce_sum,
+        num_tokens=num,
+        teacher_mass_in_support=t_mass / max(num, 1),
+        student_mass_in_teacher_topk=s_mass / max(num, 1),
     )
-
-
-def sparse_kd_loss(
-    student_logits: Tensor,
-    teacher_ids: Tensor,
-    teacher_logprobs: Tensor,
-    teacher_tail: Tensor,
-    mask: Tensor,
-    **options: Any,
-) -> LossOutput:
-    """KD over the K+1 classes (teacher top-k ids + tail bucket). Shapes: logits (N, V_s), ids and logprobs
-    (N, k), tail (N,), mask (N,) bool. Never builds a dense teacher row. ``options``: ``distill_loss``'s
-    ``loss``, ``beta``, ``alpha``, ``temperature``, ``scale_t2``, ``chunk_rows``."""
-    return distill_loss(
-        student_logits, teacher_logprobs, mask, teacher_ids=teacher_ids, teacher_tail=teacher_tail, **options
-    )
-
-
-def dense_kd_loss(
-    student_logits: Tensor, teacher_logprobs: Tensor, mask: Tensor, **options: Any
-) -> LossOutput:
-    """KD over the full vocabulary. Shapes: logits (N, V_s), teacher log-probs (N, V_t ≤ V_s), mask (N,).
-    ``options`` as in ``sparse_kd_loss``."""
-    return distill_loss(student_logits, teacher_logprobs, mask, **options)
 
 
 def ce_loss_sum(student_logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
@@ -379,40 +297,3 @@ def ce_loss_sum(student_logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     ignored = targets.reshape(-1).long().masked_fill(~mask.reshape(-1).bool(), -100)  # no row copies
     return F.cross_entropy(logits, ignored, ignore_index=-100, reduction="sum")
-
-
-def chunked_distill_loss(
-    hidden: Tensor,
-    lm_head: Callable[[Tensor], Tensor],
-    teacher_logprobs: Tensor,
-    mask: Tensor,
-    *,
-    teacher_ids: Tensor | None = None,
-    teacher_tail: Tensor | None = None,
-    targets: Tensor | None = None,
-    ce_weight: float = 0.0,
-    chunk_rows: int = 1024,
-    loss: str = "forward_kl",
-    beta: float = 0.5,
-    alpha: float = 0.1,
-    temperature: float = 1.0,
-    scale_t2: bool = True,
-) -> LossOutput:
-    """``distill_loss`` from final hidden states, never holding more than (chunk_rows, V_s) logits.
-
-    hidden (N, H) or (B, T, H); ``lm_head`` maps (R, H) → (R, V_s) (e.g. the model's output module, or
-    ``lambda h: h @ weight.T``). Each chunk of valid rows is recomputed in backward (activation checkpoint),
-    so the student's (B, T, V) logits are never materialized. Teacher arguments as in ``distill_loss``.
-    """
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    spec = KDSpec(loss, beta, alpha, temperature, scale_t2)
-    return _run_chunks(
-        lm_head,
-        flat,
-        (teacher_logprobs, teacher_ids, teacher_tail),
-        targets,
-        mask,
-        spec=spec,
-        ce_weight=ce_weight,
-        chunk_rows=chunk_rows,
-    )

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from asymkd.config import ConfigError
 from student_trainer.config import ModelSection
 
 log = logging.getLogger("asymkd.student")
@@ -32,7 +33,7 @@ def load_tokenizer(model: ModelSection) -> tuple[Any, Path]:
 
     path = tokenizer_dir(model)
     if not (path / "tokenizer_config.json").exists() and not (path / "tokenizer.json").exists():
-        raise FileNotFoundError(f"model.tokenizer / model.path: no tokenizer files in {path}")
+        raise ConfigError(f"model.tokenizer / model.path: no tokenizer files in {path}")
     return AutoTokenizer.from_pretrained(path), path
 
 

@@ -1,4 +1,4 @@
-"""The student training loop: FSDP2 model, teacher feed, KD + CE loss, AdamW, checkpoints, eval, export.
+"""The student training loop: FSDP2 model, teacher source, KD + CE loss, AdamW, checkpoints, eval, export.
 
     torchrun --standalone --nproc_per_node=2 -m asymkd.cli train --config run.yaml
     python -c "from student_trainer.trainer import Trainer; Trainer(cfg).train()"   # one rank
@@ -13,14 +13,11 @@ however tokens are spread over micro-batches and ranks.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -28,11 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from asymkd.configs import ConfigError, dump_config
+from asymkd.config import ConfigError, dump_config
+from asymkd.contract import tokenizer_hash
 from student_trainer import losses
 from student_trainer.checkpoint import Checkpointer, export_pretrained
 from student_trainer.config import DistillSection, OptimSection, TrainConfig
-from student_trainer.data import PackedDataset, load_packs
+from student_trainer.data import PackedDataset, load_packs, tokenizer_id
 from student_trainer.model import build_student, load_tokenizer
 from student_trainer.observability import MetricsLogger, memory_gb, setup_logging
 from student_trainer.parallel import (
@@ -45,7 +43,9 @@ from student_trainer.parallel import (
     init_distributed,
     mp_policy,
 )
-from teacher_server.models import tokenizer_hash
+from student_trainer.sources import build_teacher_source
+from student_trainer.sources.base import MicroBatch, StudentSide, TeacherBatch, TeacherSource
+from student_trainer.sources.common import TeacherCompatError
 
 log = logging.getLogger("asymkd.student")
 
@@ -85,16 +85,7 @@ def build_optimizer(model: nn.Module, optim: OptimSection, total_steps: int) -> 
 
 
 # ------------------------------------------------------------------------------------------------- loss
-@dataclass
-class MicroBatch:
-    """One micro-batch and its teacher answer (the fields of teacher_feed.FedBatch)."""
-
-    batch: dict[str, Tensor]
-    teacher: Any = None  # teacher_feed.TeacherBatch, rows aligned with logits[:, :-1]; None = CE only
-    wait_ms: float = 0.0
-
-
-def target_mask(batch: dict[str, Tensor], teacher: Any) -> Tensor:
+def target_mask(batch: dict[str, Tensor], teacher: TeacherBatch | None) -> Tensor:
     """(B, T-1) bool: rows that are training targets (and were scored by the teacher, if any)."""
     mask = batch["loss_mask"]
     return mask if teacher is None else mask & teacher.valid.to(mask.device)
@@ -119,7 +110,7 @@ class LossSums(NamedTuple):
 
 
 def loss_sums(
-    logits: Tensor, input_ids: Tensor, mask: Tensor, teacher: Any, distill: DistillSection
+    logits: Tensor, input_ids: Tensor, mask: Tensor, teacher: TeacherBatch | None, distill: DistillSection
 ) -> LossSums:
     """Loss sums over target rows; logits (B, T, V), mask (B, T-1), teacher rows aligned with mask.
 
@@ -158,22 +149,13 @@ def loss_sums(
     )
 
 
-def _to(teacher: Any, device: torch.device) -> Any:
-    if teacher is None:
-        return None
-    moved = {f.name: getattr(teacher, f.name) for f in dataclasses.fields(teacher)}
-    return dataclasses.replace(
-        teacher, **{k: v.to(device) for k, v in moved.items() if isinstance(v, Tensor)}
-    )
-
-
 def forward_backward_step(
     model: nn.Module, mb: MicroBatch, *, distill: DistillSection, scale: float, device: torch.device
 ) -> Tensor:
     """Forward one micro-batch, backward `loss_sum × scale`; returns the detached `LossSums` as a (5,) fp64
     tensor (NaN for the KD fields without a teacher)."""
     input_ids = mb.batch["input_ids"].to(device)
-    teacher = _to(mb.teacher, device)
+    teacher = None if mb.teacher is None else mb.teacher.to(device)
     mask = target_mask(mb.batch, mb.teacher).to(device)
     logits = model(input_ids=input_ids).logits
     sums = loss_sums(logits, input_ids, mask, teacher, distill)
@@ -204,21 +186,6 @@ def accumulate_gradients(
     return sums, n_tokens
 
 
-class _LocalFeed:
-    """CE-only runs: the batches themselves, no teacher (the same interface as teacher_feed.TeacherFeed)."""
-
-    depth = 0
-
-    def __init__(self, batches: Iterable[dict]) -> None:
-        self._batches = batches
-
-    def __iter__(self) -> Iterator[MicroBatch]:
-        return (MicroBatch(b) for b in self._batches)
-
-    def close(self) -> None:
-        pass
-
-
 # ----------------------------------------------------------------------------------------------- trainer
 class Trainer:
     """Builds everything from a `TrainConfig` at start (fail fast), then `train()` runs the loop."""
@@ -236,9 +203,9 @@ class Trainer:
         if self.rank == 0:
             dump_config(cfg, self.out_dir / "config.yaml")
         self.tokenizer, self.tokenizer_dir = load_tokenizer(cfg.model)
+        self.train_data, self.eval_data = self._build_data()  # a missing data file fails before the model
         self.model = self._build_model()
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, cfg.run.steps)
-        self.train_data, self.eval_data = self._build_data()
         self.checkpointer = Checkpointer(cfg.checkpoint, self.out_dir, self.rank)
         self.metrics = MetricsLogger(cfg.metrics, self.out_dir, rank=self.rank, total_steps=cfg.run.steps)
         self.last_stats: dict[str, Any] = {}
@@ -272,9 +239,8 @@ class Trainer:
 
     def _build_data(self) -> tuple[PackedDataset, PackedDataset | None]:
         cfg = self.cfg
-        tok_id = tokenizer_hash(self.tokenizer_dir) or str(self.tokenizer_dir.resolve())
         try:
-            packs = load_packs(cfg.data, self.tokenizer, tok_id, rank=self.rank)
+            packs = load_packs(cfg.data, self.tokenizer, tokenizer_id(self.tokenizer_dir), rank=self.rank)
         except (FileNotFoundError, KeyError) as e:
             raise ConfigError(f"data: {e}") from None
         common = {"micro_batch_size": cfg.optim.micro_batch_size, "rank": self.rank}
@@ -283,44 +249,30 @@ class Trainer:
         held = PackedDataset(packs["eval"], shuffle=False, **common) if "eval" in packs else None
         return train, held
 
-    def _open_feed(self) -> Any:
+    def _open_source(self) -> TeacherSource:
+        """The teacher source the config names, over the batches this run has left; its handshake (GetInfo,
+        the in-process teacher's load, the cache's checks) happens here, before the first step."""
         remaining = (self.cfg.run.steps - self.step) * self.cfg.optim.grad_accum_steps
         batches = itertools.islice(self.train_data.batches(start=self.data_position), remaining)
-        if not self.cfg.uses_teacher:
-            return _LocalFeed(batches)
-        # gRPC and the client are imported only when a teacher is used.
-        from student_trainer.teacher_feed import TeacherCompatError, TeacherFeed
-
-        if self.cfg.teacher.in_process:  # the teacher in this process: score, then train (no prefetch)
-            from student_trainer.inprocess_teacher import InProcessTeacherFeed
-
-            feed_cls, where = InProcessTeacherFeed, {"device": self.device}
-        elif self.cfg.teacher.cache:  # answers written by `asymkd cache write`, read from disk
-            from student_trainer.cache import CachedTeacherFeed
-
-            feed_cls, where = CachedTeacherFeed, {"rows": self.train_data.rows}
-        else:
-            feed_cls, where = TeacherFeed, {"rank": self.rank}
-        vocab = self.model.get_output_embeddings().weight.shape[0]
-        tok_hash = tokenizer_hash(self.tokenizer_dir)
-        try:  # the handshake (GetInfo, or the in-process teacher's load) happens here, before the first step
-            return feed_cls(
-                batches,
-                self.cfg.teacher,
-                self.cfg.distill,
-                vocab_size=vocab,
-                tokenizer_hash=tok_hash,
-                **where,
-            )
+        student = StudentSide(
+            vocab_size=self.model.get_output_embeddings().weight.shape[0],
+            tokenizer_hash=tokenizer_hash(self.tokenizer_dir),
+            seq_len=self.cfg.data.seq_len,
+            rank=self.rank,
+            device=self.device,
+            rows=self.train_data.rows,
+        )
+        try:
+            return build_teacher_source(self.cfg.teacher, self.cfg.distill, batches, student)
         except TeacherCompatError as e:
             raise ConfigError(f"teacher: {e}") from None
 
     def train(self) -> dict[str, Any]:
         cfg, accum = self.cfg, self.cfg.optim.grad_accum_steps
         self._maybe_resume()
-        feed = self._open_feed()
+        source = self._open_source()
         self.metrics.start(self.step)
-        stream = iter(feed)
+        stream = iter(source)
         last_saved = self.step
         try:
             while self.step < cfg.run.steps:
@@ -334,7 +286,7 @@ class Trainer:
                 self.step += 1
                 self.data_position += accum
                 self.metrics.log_step(
-                    self.step, self._step_record(stats, micro, feed, time.perf_counter() - t0)
+                    self.step, self._step_record(stats, micro, source, time.perf_counter() - t0)
                 )
                 if cfg.run.eval_every and self.step % cfg.run.eval_every == 0:
                     self._run_eval()
@@ -342,7 +294,7 @@ class Trainer:
                     self.save()
                     last_saved = self.step
         finally:
-            feed.close()
+            source.close()
         summary = {"step": self.step, "loss": self.last_stats.get("loss")}
         if self.eval_data is not None:
             summary |= self.last_eval if self.last_eval.get("step") == self.step else self._run_eval()
@@ -367,7 +319,9 @@ class Trainer:
         stats = {k: None if math.isnan(v) else v for k, v in zip(LossSums._fields, means, strict=True)}
         return stats | {"lr": lr, "gnorm": gnorm, "tokens": int(n_tokens)}
 
-    def _step_record(self, stats: dict, micro: list[MicroBatch], feed: Any, dt: float) -> dict[str, Any]:
+    def _step_record(
+        self, stats: dict, micro: list[MicroBatch], source: TeacherSource, dt: float
+    ) -> dict[str, Any]:
         ids = all_gather_1d(torch.cat([mb.batch["sample_ids"] for mb in micro]))
         n_input = sum(mb.batch["input_ids"].numel() for mb in micro) * self.dims.dp_size
         record = {
@@ -377,7 +331,7 @@ class Trainer:
             "mem_gb": memory_gb(self.device),
         }
         if self.cfg.uses_teacher:
-            record |= {"teacher_wait_ms": sum(mb.wait_ms for mb in micro), "prefetch": feed.depth}
+            record |= {"teacher_wait_ms": sum(mb.wait_ms for mb in micro), "prefetch": source.depth}
         return record | {"data_position": self.data_position, "sample_ids": ids.tolist()}
 
     def _run_eval(self) -> dict[str, float]:

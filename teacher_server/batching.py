@@ -9,7 +9,7 @@ engine error fails only the requests of that batch.
 
     batcher = MicroBatcher(backend, max_batch_tokens=8192, max_wait_ms=5, max_queue_requests=256)
     await batcher.start()
-    scores = await batcher.submit(items, params)       # list[SeqScores], one per item, in order
+    scores = await batcher.submit(items, params)       # list[SequenceScores], one per item, in order
     await batcher.close()
 """
 
@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from teacher_server.backends.base import BackendError, ScoreItem, ScoreParams, SeqScores, TeacherBackend
+from asymkd.contract import SequenceScores
+from teacher_server.backends.base import BackendError, ScoreItem, ScoreParams, TeacherBackend
 from teacher_server.validation import RequestError
 
 log = logging.getLogger("asymkd.teacher.batching")
@@ -106,8 +107,8 @@ class MicroBatcher:
         self._queued_tokens = 0
         self._depth_changed()
 
-    async def submit(self, items: list[ScoreItem], params: ScoreParams) -> list[SeqScores]:
-        """Queue `items` for scoring and wait for their results (one SeqScores per item, in order)."""
+    async def submit(self, items: list[ScoreItem], params: ScoreParams) -> list[SequenceScores]:
+        """Queue `items` for scoring and wait for their results (one SequenceScores per item, in order)."""
         if self._loop_task is None:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "", "teacher is not ready (batcher not started)")
         tokens = sum(int(it.token_ids.numel()) for it in items)

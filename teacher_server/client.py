@@ -1,6 +1,6 @@
-"""Python client of the teacher service: several replicas, balanced, with failover; results as torch tensors.
+"""Python client of the teacher service: every replica behind one gRPC channel; results as torch tensors.
 
-    from teacher_server.client import TeacherClient
+    from teacher_server.client import TeacherClient, AsyncTeacherClient
     with TeacherClient(["10.0.0.1:50051", "10.0.0.2:50051"], timeout_s=60) as c:
         info = c.info()                                          # TeacherInfo
         scores = c.score([[1, 2, 3, 4]], top_k=64)               # list[SequenceScores], one per sequence
@@ -8,16 +8,18 @@
             ...
         samples = c.generate([[1, 2, 3]], max_new_tokens=16, n=2)   # [prompt][sample] -> GeneratedSample
 
-`AsyncTeacherClient` has the same methods as coroutines / async iterators on grpc.aio channels (the student's
-background feed uses it); `TeacherClient` runs one on a private event-loop thread. This module holds the
-calls and the ScoreStream pipelining; proto building and decoding live in client_codec.py, errors, retry
-rules, backoff and balancing in client_policy.py (all public names are re-exported here).
-Balancing: least outstanding requests, round-robin among ties. Retries: only UNAVAILABLE and (transient)
-RESOURCE_EXHAUSTED, on another replica, with exponential backoff + jitter, at most `max_retries` times,
-within the call's deadline (`timeout_s`); a replica answering UNAVAILABLE sits out `cooldown_s`. Other
-failures, and a request the server flags as too big (trailing metadata "asymkd-retryable: false"), raise a
-`TeacherError` subclass at once (code, details, address). Local argument mistakes (unknown signal name,
-wrong score_from length) raise ValueError before any RPC.
+`AsyncTeacherClient` has the same methods as coroutines / async iterators on a grpc.aio channel (the
+student's teacher feed uses it); `TeacherClient` runs one on a private event-loop thread.
+
+Every call is a single gRPC call with a deadline of `timeout_s`. Balancing over the replicas, skipping a
+replica that is down, loading or draining, and retrying UNAVAILABLE / a full queue (RESOURCE_EXHAUSTED)
+with backoff on the next replica are gRPC's own (round_robin, client-side health checks, the retry policy:
+client_policy.py) and apply to a call until it has received its first response: unary calls and streams
+that have not answered anything yet. A stream that fails later raises: `score_stream` has then yielded
+exactly the results that were answered, and the caller sends the rest again if it wants (the trainer's
+teacher feed does, exactly once per batch). Failures raise a `TeacherError` subclass (code, details,
+`retryable`); local argument mistakes (unknown signal name, wrong score_from length) raise ValueError before
+any RPC.
 """
 
 from __future__ import annotations
@@ -36,105 +38,55 @@ import grpc
 import grpc.aio
 import torch
 
+from asymkd.contract import GenerateChunk, GeneratedSample, SequenceScores, Signal, TeacherInfo
 from asymkd.v1 import teacher_pb2 as pb
 from asymkd.v1 import teacher_pb2_grpc as pb_grpc
-from teacher_server.backends.base import GenerateChunk, Signal
-from teacher_server.client_codec import (
-    GeneratedSample,
+from asymkd.wire import (
+    DataLossError,
     ScoreAssembly,
     ScoreQuery,
-    SequenceScores,
-    TeacherInfo,
     TokenIds,
-    TopKScores,
-    build_generate_request,
     collect_samples,
     decode_generate_chunk,
-    decode_pieces,
     decode_score_response,
     expected_rows,
-    resolve_signal,
-    token_ids_list,
-    value_dtype_code,
+    generate_request,
+    info_from_proto,
 )
 from teacher_server.client_policy import (
-    RETRYABLE_CODES,
-    Balancer,
     InvalidRequestError,
     TeacherError,
     TeacherOverloadedError,
     TeacherTimeoutError,
     TeacherUnavailableError,
     UnsupportedError,
-    backoff_s,
+    channel_options,
+    channel_target,
     error_from_rpc,
-    is_retryable,
-    make_error,
-    retryable_flag,
-    stream_retry_decision,
+    service_config,
 )
 
 __all__ = [
-    "RETRYABLE_CODES",
     "AsyncTeacherClient",
-    "Balancer",
-    "GeneratedSample",
     "InvalidRequestError",
-    "ScoreAssembly",
     "ScoreQuery",
-    "SequenceScores",
     "TeacherClient",
     "TeacherError",
-    "TeacherInfo",
     "TeacherOverloadedError",
     "TeacherTimeoutError",
     "TeacherUnavailableError",
-    "TokenIds",
-    "TopKScores",
     "UnsupportedError",
-    "backoff_s",
-    "build_generate_request",
-    "channel_options",
-    "collect_samples",
-    "decode_generate_chunk",
-    "decode_pieces",
-    "decode_score_response",
-    "error_from_rpc",
-    "expected_rows",
-    "is_retryable",
-    "make_error",
-    "resolve_signal",
-    "retryable_flag",
-    "stream_retry_decision",
-    "token_ids_list",
-    "value_dtype_code",
 ]
 
 log = logging.getLogger("asymkd.client")
 
 
-def channel_options(max_message_bytes: int, keepalive_s: float) -> list[tuple[str, int]]:
-    """Message limits both ways (gRPC's default receive limit is 4 MiB) and keepalive pings on active calls
-    only: a silently dead peer is detected within ~keepalive_s + 20 s; idle channels do not ping."""
-    return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
-        ("grpc.keepalive_timeout_ms", 20_000),
-        ("grpc.keepalive_permit_without_calls", 0),
-    ]
-
-
-# ------------------------------------------------------------------------------------------- clients
-@dataclass
-class _Replica:
-    address: str
-    channel: grpc.aio.Channel
-    stub: pb_grpc.TeacherStub
-
-
 class AsyncTeacherClient:
-    """The teacher client on grpc.aio channels (see the module docstring). Use it from one event loop."""
+    """The teacher client on a grpc.aio channel (see the module docstring). Use it from one event loop.
+
+    targets: one `host:port` or gRPC URI (e.g. `dns:///teacher-headless:50051`), or several `host:port`.
+    max_retries: retries per call (gRPC caps attempts at 5); backoff_base_s / backoff_max_s: the retry
+    backoff (randomized by gRPC)."""
 
     def __init__(
         self,
@@ -144,64 +96,38 @@ class AsyncTeacherClient:
         max_retries: int = 3,
         backoff_base_s: float = 0.05,
         backoff_max_s: float = 2.0,
-        cooldown_s: float = 5.0,
         max_message_bytes: int = 256 * 1024 * 1024,
         keepalive_s: float = 60.0,
     ):
         self.targets = [targets] if isinstance(targets, str) else list(targets)
-        self.timeout_s, self.max_retries = timeout_s, max_retries
-        self.backoff_base_s, self.backoff_max_s = backoff_base_s, backoff_max_s
-        self.balancer = Balancer(len(self.targets), cooldown_s)
-        self._options = channel_options(max_message_bytes, keepalive_s)
-        self._replicas: list[_Replica] | None = None
+        self.target = channel_target(self.targets)
+        self.timeout_s = timeout_s
+        config = service_config(max_retries, backoff_base_s, backoff_max_s)
+        self._options = channel_options(max_message_bytes, keepalive_s, config)
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: pb_grpc.TeacherStub | None = None
         self._ids = itertools.count()
         self._id_prefix = uuid.uuid4().hex[:8]
 
-    def replica(self, i: int) -> _Replica:
-        if self._replicas is None:  # lazily: aio channels belong to the event loop that first uses them
-            chans = [grpc.aio.insecure_channel(t, options=self._options) for t in self.targets]
-            self._replicas = [
-                _Replica(t, c, pb_grpc.TeacherStub(c)) for t, c in zip(self.targets, chans, strict=True)
-            ]
-        return self._replicas[i]
+    @property
+    def stub(self) -> pb_grpc.TeacherStub:
+        if self._stub is None:  # lazily: an aio channel belongs to the event loop that first uses it
+            self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
+            self._stub = pb_grpc.TeacherStub(self._channel)
+        return self._stub
 
     def new_request_id(self) -> str:
         return f"{self._id_prefix}-{next(self._ids)}"
 
-    def retry_delay_s(self, attempt: int) -> float:
-        return backoff_s(attempt, self.backoff_base_s, self.backoff_max_s)
-
-    async def _call(self, method: str, fn: Callable[[_Replica, float], object]):
-        """`await fn(replica, timeout_s)` on a balanced pick; retryable failures go to the next replica after
-        a backoff, at most max_retries times and within one deadline of timeout_s for the whole call."""
-        deadline = time.monotonic() + self.timeout_s
-        tried: list[int] = []
-        for attempt in itertools.count(1):
-            i = self.balancer.pick(tried)
-            rep = self.replica(i)
-            self.balancer.acquire(i)
-            try:
-                result = await fn(rep, max(deadline - time.monotonic(), 1e-3))
-                self.balancer.mark_up(i)
-                return result
-            except grpc.aio.AioRpcError as e:
-                err, delay = error_from_rpc(e, rep.address, method), self.retry_delay_s(attempt)
-                if not err.retryable or attempt > self.max_retries:
-                    raise err from e
-                if deadline - time.monotonic() <= delay:
-                    raise err from e
-                if e.code() == grpc.StatusCode.UNAVAILABLE:
-                    self.balancer.mark_down(i)
-                tried.append(i)
-                log.warning("%s; retry %d/%d in %.2f s", err, attempt, self.max_retries, delay)
-            finally:
-                self.balancer.release(i)
-            await asyncio.sleep(delay)
+    def error(self, err: grpc.RpcError, method: str) -> TeacherError:
+        return error_from_rpc(err, self.target, method)
 
     async def info(self) -> TeacherInfo:
         """GetInfo from one replica (all replicas of a client are expected to serve the same model)."""
-        msg = await self._call("GetInfo", lambda rep, t: rep.stub.GetInfo(pb.GetInfoRequest(), timeout=t))
-        return TeacherInfo.from_proto(msg)
+        try:
+            return info_from_proto(await self.stub.GetInfo(pb.GetInfoRequest(), timeout=self.timeout_s))
+        except grpc.aio.AioRpcError as e:
+            raise self.error(e, "GetInfo") from e
 
     async def score(
         self,
@@ -225,12 +151,17 @@ class AsyncTeacherClient:
 
     async def score_query(self, query: ScoreQuery) -> list[SequenceScores]:
         req = query.to_proto(self.new_request_id())
-        resp = await self._call("Score", lambda rep, t: rep.stub.Score(req, timeout=t))
-        if len(resp.results) != len(req.sequences):
-            raise TeacherError(
-                grpc.StatusCode.DATA_LOSS, f"{len(resp.results)} results for {len(req.sequences)}"
-            )
-        return decode_score_response(resp)
+        try:
+            resp = await self.stub.Score(req, timeout=self.timeout_s)
+            results = decode_score_response(resp)
+        except grpc.aio.AioRpcError as e:
+            raise self.error(e, "Score") from e
+        except DataLossError as e:
+            raise TeacherError(grpc.StatusCode.DATA_LOSS, str(e), self.target, "Score") from e
+        if len(results) != len(req.sequences):
+            msg = f"{len(results)} results for {len(req.sequences)} sequences"
+            raise TeacherError(grpc.StatusCode.DATA_LOSS, msg, self.target, "Score")
+        return results
 
     async def score_stream(
         self,
@@ -240,13 +171,13 @@ class AsyncTeacherClient:
         ordered: bool = True,
         **defaults,
     ) -> AsyncIterator[list[SequenceScores] | tuple[int, list[SequenceScores]]]:
-        """Pipelined scoring on ScoreStream calls (one per replica in use, requests balanced over them).
+        """Pipelined scoring on one ScoreStream call (one replica, picked by the channel's balancer).
 
         `queries`: ScoreQuery items, or plain lists of sequences scored with `defaults` (score()'s keyword
         arguments). At most `max_in_flight` requests are submitted and not yet yielded. Yields each request's
         list[SequenceScores] in submission order (ordered=True), else (index, results) as they complete.
-        A replica failing with UNAVAILABLE gets its unanswered requests resent to another replica: each
-        request is answered exactly once. Raises TeacherTimeoutError when a request waits > timeout_s."""
+        Raises TeacherTimeoutError when a request waits > timeout_s for its answer, and the call's
+        TeacherError when it fails: the results yielded so far are exactly those that were answered."""
         run = _ScoreStreamRun(self, max_in_flight, _query_source(queries, defaults))
         try:
             async for item in run.results(ordered):
@@ -254,51 +185,30 @@ class AsyncTeacherClient:
         finally:
             await run.close()
 
-    async def generate(
-        self,
-        prompts: Sequence[TokenIds],
-        *,
-        max_new_tokens: int = 128,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        n: int = 1,
-        top_k_logprobs: int = 0,
-        seed: int | None = None,
-        greedy: bool = False,
-        stop_token_ids: Sequence[int] = (),
-        value_dtype: torch.dtype | str = torch.float32,
-    ) -> list[list[GeneratedSample]]:
-        """Sample `n` continuations per prompt: result[prompt][sample]. A retryable failure restarts it."""
-        options = {k: v for k, v in locals().items() if k not in ("self", "prompts")}
-        req = build_generate_request(prompts, **options, request_id=self.new_request_id())
-
-        async def attempt(rep: _Replica, timeout_s: float) -> list[GenerateChunk]:
-            return [decode_generate_chunk(m) async for m in rep.stub.Generate(req, timeout=timeout_s)]
-
-        return collect_samples(await self._call("Generate", attempt), len(prompts), max(n, 1))
+    async def generate(self, prompts: Sequence[TokenIds], **options) -> list[list[GeneratedSample]]:
+        """Sample continuations: result[prompt][sample]. Options: max_new_tokens (128), temperature (1.0),
+        top_p (1.0), n (1), top_k_logprobs (0), seed (None), greedy (False), stop_token_ids (()),
+        value_dtype (float32)."""
+        chunks = [c async for c in self.generate_stream(prompts, **options)]
+        return collect_samples(chunks, len(prompts), max(options.get("n", 1), 1))
 
     async def generate_stream(self, prompts: Sequence[TokenIds], **options) -> AsyncIterator[GenerateChunk]:
-        """generate() as it happens: GenerateChunk items (new tokens of one (prompt, sample)), last one
-        `finished`. Same keyword arguments as generate(); retried only before the first chunk arrives."""
-        req = build_generate_request(prompts, **options, request_id=self.new_request_id())
-
-        async def first(rep: _Replica, timeout_s: float):
-            call = rep.stub.Generate(req, timeout=timeout_s)
-            return rep, call, await call.read()
-
-        rep, call, msg = await self._call("Generate", first)
+        """generate() as it happens: GenerateChunk items (new tokens of one (prompt, sample)), the last one of
+        each sample `finished`. Closing the iterator early cancels the call (the server stops its work)."""
+        req = generate_request(prompts, **options, request_id=self.new_request_id())
+        call = self.stub.Generate(req, timeout=self.timeout_s)
         try:
-            while msg is not grpc.aio.EOF:
+            async for msg in call:
                 yield decode_generate_chunk(msg)
-                msg = await call.read()
         except grpc.aio.AioRpcError as e:
-            raise error_from_rpc(e, rep.address, "Generate") from e
+            raise self.error(e, "Generate") from e
         finally:
             call.cancel()
 
     async def close(self) -> None:
-        replicas, self._replicas = self._replicas or [], None
-        await asyncio.gather(*(r.channel.close() for r in replicas))
+        channel, self._channel, self._stub = self._channel, None, None
+        if channel is not None:
+            await channel.close()
 
     async def __aenter__(self) -> AsyncTeacherClient:
         return self
@@ -328,65 +238,25 @@ def _query_source(queries, defaults: dict) -> Callable[[], object]:
 @dataclass(eq=False)
 class _Pending:
     index: int
-    request: pb.ScoreRequest
+    request_id: str
     assembly: ScoreAssembly
-    replica: int = -1
-    sent_at: float = 0.0
-    attempts: int = 0
-
-
-class _StreamSession:
-    """One ScoreStream call to one replica: a writer task sends queued requests (so a slow send never blocks
-    reading), a reader task forwards every response, then the end (None or the AioRpcError), to `events`."""
-
-    def __init__(self, replica: int, stub: pb_grpc.TeacherStub, events: asyncio.Queue):
-        self.replica = replica
-        self.call = stub.ScoreStream()
-        self._outbox: asyncio.Queue = asyncio.Queue()
-        self._tasks = [asyncio.create_task(self._write()), asyncio.create_task(self._read(events))]
-
-    def send(self, req: pb.ScoreRequest | None) -> None:
-        """Queue a request; None half-closes the stream."""
-        self._outbox.put_nowait(req)
-
-    async def _write(self) -> None:
-        try:
-            while (req := await self._outbox.get()) is not None:
-                await self.call.write(req)
-            await self.call.done_writing()
-        except Exception as e:  # the call failed: the reader reports its status
-            log.debug("ScoreStream writer stopped: %r", e)
-
-    async def _read(self, events: asyncio.Queue) -> None:
-        try:
-            while (msg := await self.call.read()) is not grpc.aio.EOF:
-                events.put_nowait((self, msg))
-            events.put_nowait((self, None))
-        except grpc.aio.AioRpcError as e:
-            events.put_nowait((self, e))
-
-    async def finish(self, timeout_s: float) -> None:
-        """Half-close and let the server end the call; cancel it if that takes longer than timeout_s."""
-        self.send(None)
-        await asyncio.wait(self._tasks, timeout=timeout_s)
-        self.cancel()
-
-    def cancel(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        self.call.cancel()
+    sent_at: float
 
 
 class _ScoreStreamRun:
-    """State of one score_stream(): the window of pending requests, their sessions, results in order."""
+    """One score_stream(): one ScoreStream call, the window of requests sent and not yet yielded, results in
+    order. A writer task sends queued requests (a slow send never blocks reading), a reader task forwards
+    every response, then the end (None or the AioRpcError), to `events`."""
 
     def __init__(self, client: AsyncTeacherClient, max_in_flight: int, source: Callable):
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self.c, self.window, self.source = client, max_in_flight, source
         self.events: asyncio.Queue = asyncio.Queue()
-        self.sessions: dict[int, _StreamSession] = {}
-        self.pending: dict[str, _Pending] = {}  # submitted, not yet answered (submission order)
+        self.outbox: asyncio.Queue = asyncio.Queue()
+        self.call = None
+        self.tasks: list[asyncio.Task] = []
+        self.pending: dict[str, _Pending] = {}  # sent, not yet answered
         self.ready: dict[int, list[SequenceScores]] = {}  # answered, not yet yielded
         self.submitted = 0
 
@@ -408,22 +278,34 @@ class _ScoreStreamRun:
             if exhausted and not self.pending and not self.ready:
                 return
             if self.pending:
-                await self._handle(*await self._next_event())
+                self._handle(await self._next_event())
 
     def _submit(self, query: ScoreQuery) -> None:
+        if self.call is None:
+            self.call = self.c.stub.ScoreStream()
+            self.tasks = [asyncio.create_task(self._write()), asyncio.create_task(self._read())]
         req = query.to_proto(self.c.new_request_id())
-        p = _Pending(self.submitted, req, ScoreAssembly(expected_rows(req)))
+        self.pending[req.request_id] = _Pending(
+            self.submitted, req.request_id, ScoreAssembly(expected_rows(req)), time.monotonic()
+        )
         self.submitted += 1
-        self.pending[req.request_id] = p
-        self._dispatch(p)
+        self.outbox.put_nowait(req)
 
-    def _dispatch(self, p: _Pending, avoid: Iterable[int] = ()) -> None:
-        i = self.c.balancer.pick(avoid)
-        if i not in self.sessions:
-            self.sessions[i] = _StreamSession(i, self.c.replica(i).stub, self.events)
-        p.replica, p.sent_at = i, time.monotonic()
-        self.c.balancer.acquire(i)
-        self.sessions[i].send(p.request)
+    async def _write(self) -> None:
+        try:
+            while (req := await self.outbox.get()) is not None:
+                await self.call.write(req)
+            await self.call.done_writing()
+        except Exception as e:  # the call failed: the reader reports its status
+            log.debug("ScoreStream writer stopped: %r", e)
+
+    async def _read(self) -> None:
+        try:
+            while (msg := await self.call.read()) is not grpc.aio.EOF:
+                self.events.put_nowait(msg)
+            self.events.put_nowait(None)
+        except grpc.aio.AioRpcError as e:
+            self.events.put_nowait(e)
 
     async def _next_event(self):
         # Answers already queued arrived in time: hand them over before judging any deadline, or a caller
@@ -435,68 +317,39 @@ class _ScoreStreamRun:
         try:
             return await asyncio.wait_for(self.events.get(), max(wait_s, 0.0))
         except TimeoutError:
+            msg = f"request {oldest.request_id} unanswered after {self.c.timeout_s} s"
             raise TeacherTimeoutError(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"request {oldest.request.request_id} unanswered after {self.c.timeout_s} s",
-                self.c.targets[oldest.replica],
-                "ScoreStream",
+                grpc.StatusCode.DEADLINE_EXCEEDED, msg, self.c.target, "ScoreStream"
             ) from None
 
-    async def _handle(self, session: _StreamSession, msg) -> None:
-        if self.sessions.get(session.replica) is not session:
-            return  # a failed session's leftovers: its requests were already resent
-        if isinstance(msg, pb.ScoreResponse):
-            p = self.pending.get(msg.request_id)
-            if p is None or p.replica != session.replica:
+    def _handle(self, event) -> None:
+        if isinstance(event, pb.ScoreResponse):
+            p = self.pending.get(event.request_id)
+            if p is None:
                 return
-            p.assembly.add(msg)
-            if p.assembly.complete:
-                del self.pending[msg.request_id]
-                self.c.balancer.release(p.replica)
-                self.c.balancer.mark_up(p.replica)
-                self.ready[p.index] = p.assembly.results()
+            try:
+                p.assembly.add(event)
+                if p.assembly.complete:
+                    del self.pending[event.request_id]
+                    self.ready[p.index] = p.assembly.results()
+            except DataLossError as e:
+                raise TeacherError(grpc.StatusCode.DATA_LOSS, str(e), self.c.target, "ScoreStream") from e
             return
-        await self._failover(session, msg)
-
-    async def _failover(self, session: _StreamSession, err: grpc.aio.AioRpcError | None) -> None:
-        """The call ended (error, or an OK end with requests unanswered): resend its requests elsewhere."""
-        del self.sessions[session.replica]
-        session.cancel()
-        lost = [p for p in self.pending.values() if p.replica == session.replica]
-        if not lost:
-            return
-        if err is None:
-            code, details = grpc.StatusCode.UNAVAILABLE, f"stream ended with {len(lost)} requests unanswered"
-            metadata = None
-        else:
-            code, details, metadata = err.code(), err.details() or "", err.trailing_metadata()
-        error = make_error(code, details, self.c.targets[session.replica], "ScoreStream", metadata)
-        retry, down = stream_retry_decision(code, details, metadata)
-        attempts = max(p.attempts for p in lost) + 1
-        if not retry or attempts > self.c.max_retries:
-            raise error from err
-        if down:
-            self.c.balancer.mark_down(session.replica)
-        delay = self.c.retry_delay_s(attempts)
-        log.warning("%s; resending %d requests in %.2f s", error, len(lost), delay)
-        for p in lost:
-            self.c.balancer.release(p.replica)
-        await asyncio.sleep(delay)
-        for p in lost:
-            p.attempts = attempts
-            p.assembly.reset()
-            self._dispatch(p, avoid=[session.replica])
+        if event is None:  # an OK end with requests unanswered: the server went away between them
+            msg = f"stream ended with {len(self.pending)} requests unanswered"
+            raise TeacherUnavailableError(grpc.StatusCode.UNAVAILABLE, msg, self.c.target, "ScoreStream")
+        raise self.c.error(event, "ScoreStream") from event
 
     async def close(self) -> None:
-        """All answered: half-close and let the servers end the calls. Abandoned early: cancel them."""
-        sessions, self.sessions = list(self.sessions.values()), {}
-        abandoned = bool(self.pending)
-        for p in self.pending.values():
-            self.c.balancer.release(p.replica)
-        self.pending.clear()
-        for s in sessions if abandoned else ():
-            s.cancel()
-        await asyncio.gather(*(s.finish(timeout_s=5.0) for s in sessions if not abandoned))
+        """All answered: half-close and let the server end the call. Abandoned early or failed: cancel it."""
+        if self.call is None:
+            return
+        if not self.pending:
+            self.outbox.put_nowait(None)
+            await asyncio.wait(self.tasks, timeout=5.0)
+        for t in self.tasks:
+            t.cancel()
+        self.call.cancel()
 
 
 # ------------------------------------------------------------------------------------ blocking client
@@ -530,10 +383,10 @@ class TeacherClient:
     Methods and results are AsyncTeacherClient's; iterators become plain (blocking) iterators."""
 
     def __init__(self, targets: str | Sequence[str], **options):
+        self.aio = AsyncTeacherClient(targets, **options)  # checks the targets before a thread starts
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="teacher-client", daemon=True)
         self._thread.start()
-        self.aio = AsyncTeacherClient(targets, **options)
 
     def _run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()

@@ -1,84 +1,165 @@
-"""Failure policy of the teacher client: the TeacherError classes, which failures to retry, backoff, and the
-balancer that picks a replica. No I/O here: client.py applies these decisions to its calls.
+"""How the teacher client uses gRPC: one channel over every replica, gRPC's own balancing, health checking and
+retries, and the TeacherError classes its calls raise. No I/O here: client.py makes the calls.
 
-    try:
-        ...
-    except grpc.aio.AioRpcError as e:
-        err = error_from_rpc(e, address, "Score")   # TeacherOverloadedError, ..., with err.retryable
-        delay = backoff_s(attempt, base_s=0.05, max_s=2.0)
+    target = channel_target(["10.0.0.1:50051", "10.0.0.2:50051"])   # "ipv4:10.0.0.1:50051,10.0.0.2:50051"
+    options = channel_options(...) + [("grpc.service_config", service_config(max_retries=3, ...))]
+    err = error_from_rpc(rpc_error, target, "Score")                # TeacherOverloadedError, ... (.retryable)
 
-Retry: UNAVAILABLE, and RESOURCE_EXHAUSTED unless the request itself is too big. The server says so in the
-trailing metadata ("asymkd-retryable", "false"); the details text is only matched when that is absent (older
-servers, and gRPC core's own message-size refusal, which carries no metadata).
+Balancing and failover are gRPC's: the `round_robin` policy spreads calls over every replica's connection,
+client-side health checking (the servers' `grpc.health.v1` status of `asymkd.v1.Teacher`) takes a replica
+that is loading or draining out of the rotation, and the `retryPolicy` retries UNAVAILABLE and
+RESOURCE_EXHAUSTED with exponential backoff (randomized by gRPC) on the next pick, within the call's deadline,
+for a call that has received no response yet: unary calls, and streams that have not answered anything. A
+server that refuses what no retry can fix sends the pushback `grpc-retry-pushback-ms: -1` (asymkd.contract),
+which gRPC honours; the client reads the same trailer to tell the caller `retryable=False`.
+
+Targets: one target is given to gRPC as is (`host:port`, or a URI such as `dns:///teacher-headless:50051`,
+which gRPC re-resolves, so every pod behind a headless Kubernetes Service is balanced over). Several
+`host:port` targets become one `ipv4:`/`ipv6:` address list; host names among them are resolved once, here.
 """
 
 from __future__ import annotations
 
-import random
-import time
-from collections.abc import Callable, Iterable
+import ipaddress
+import json
+import socket
+from collections.abc import Iterable, Sequence
 
 import grpc
 
-from teacher_server.validation import RETRYABLE_METADATA_KEY
+from asymkd.contract import RETRY_PUSHBACK_KEY
 
+SERVICE = "asymkd.v1.Teacher"
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
-# RESOURCE_EXHAUSTED also means "this request is too big": retrying cannot help. Without the metadata flag,
-# gRPC core's message-size refusal and older servers' token/message budget refusals say so in their details.
-_PERMANENT_EXHAUSTION = ("larger than max", "max-request-tokens", "message limit")
+# gRPC core's own message-size refusal is RESOURCE_EXHAUSTED without any metadata: retrying cannot help.
+_TOO_LARGE = "larger than max"
+# grpc.aio reports a write to a stream call that has just ended (peer gone, or the server ended the stream)
+# as INTERNAL "Internal error from Core", overwriting the real status
+# (https://github.com/grpc/grpc/issues/36066): the cause is unknown, so the caller may send the request again
+# (a bad request then fails with its own status).
 _MASKED_WRITE_FAILURE = "Internal error from Core"
+_URI_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:")
+# gRPC caps a retry policy's maxAttempts at 5 (gRFC A6).
+MAX_ATTEMPTS = 5
 
 
-# ----------------------------------------------------------------------------------------- retry rules
-def retryable_flag(metadata: Iterable[tuple[str, str | bytes]] | None) -> bool | None:
-    """The server's ("asymkd-retryable", "true"/"false") trailing metadata as a bool; None when absent."""
+# ----------------------------------------------------------------------------------------- channel set-up
+def _split_host_port(target: str) -> tuple[str, int]:
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(
+            f"teacher target {target!r} is not host:port or a gRPC URI ({', '.join(_URI_SCHEMES)})"
+        )
+    return host.strip("[]"), int(port)
+
+
+def _addresses(host: str, port: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    try:
+        return [ipaddress.ip_address(host)]
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise ValueError(f"teacher target {host}:{port}: cannot resolve {host!r} ({e})") from None
+    return list(dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in infos))
+
+
+def channel_target(targets: Sequence[str]) -> str:
+    """The one gRPC target that covers every replica (see the module docstring)."""
+    if not targets:
+        raise ValueError("the teacher client needs at least one target address")
+    if len(targets) == 1:
+        return targets[0]
+    uris = [t for t in targets if t.startswith(_URI_SCHEMES)]
+    if uris:
+        raise ValueError(f"a gRPC URI target ({uris[0]!r}) must be the only target: it names every replica")
+    resolved = []
+    for t in targets:
+        host, port = _split_host_port(t)
+        resolved.append((port, _addresses(host, port)))
+    for version, scheme in ((4, "ipv4:"), (6, "ipv6:")):
+        per_target = [[a for a in addrs if a.version == version] for _, addrs in resolved]
+        if all(per_target):
+            fmt = "{}:{}" if version == 4 else "[{}]:{}"
+            addresses = [
+                fmt.format(a, port)
+                for (port, _), addrs in zip(resolved, per_target, strict=True)
+                for a in addrs
+            ]
+            return scheme + ",".join(dict.fromkeys(addresses))
+    raise ValueError(f"teacher targets {list(targets)} mix IPv4-only and IPv6-only addresses")
+
+
+def service_config(max_retries: int, backoff_base_s: float, backoff_max_s: float) -> str:
+    """gRPC service config: round_robin over the replicas, health-checked, with the retry policy."""
+    config: dict = {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": SERVICE},
+    }
+    attempts = min(max_retries + 1, MAX_ATTEMPTS)
+    if attempts > 1:  # a retry policy needs maxAttempts >= 2
+        policy = {
+            "maxAttempts": attempts,
+            "initialBackoff": f"{backoff_base_s:.3f}s",
+            "maxBackoff": f"{max(backoff_max_s, backoff_base_s):.3f}s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": sorted(c.name for c in RETRYABLE_CODES),
+        }
+        config["methodConfig"] = [{"name": [{"service": SERVICE}], "retryPolicy": policy}]
+    return json.dumps(config)
+
+
+def channel_options(
+    max_message_bytes: int, keepalive_s: float, service_config_json: str
+) -> list[tuple[str, int | str]]:
+    """Message limits both ways (gRPC's default receive limit is 4 MiB); keepalive pings on active calls only
+    (a silently dead peer is detected within ~keepalive_s + 20 s); reconnect backoff capped at 2 s (gRPC's
+    default grows to 120 s, which would keep a restarted teacher unused); the service config."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 0),
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.min_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", 2_000),
+        ("grpc.service_config", service_config_json),
+    ]
+
+
+# ------------------------------------------------------------------------------------------------- errors
+def pushback_ms(metadata: Iterable[tuple[str, str | bytes]] | None) -> int | None:
+    """The server's `grpc-retry-pushback-ms` trailer as an int (negative: do not retry); None when absent."""
     for key, value in metadata or ():
-        if key == RETRYABLE_METADATA_KEY:
+        if key == RETRY_PUSHBACK_KEY:
             value = value.decode() if isinstance(value, bytes) else value
-            return value.strip().lower() != "false"
+            try:
+                return int(value)
+            except ValueError:
+                return -1  # unparseable: gRPC reads it as "do not retry" too
     return None
 
 
 def is_retryable(
     code: grpc.StatusCode, details: str = "", metadata: Iterable[tuple[str, str | bytes]] | None = None
 ) -> bool:
-    """UNAVAILABLE always; RESOURCE_EXHAUSTED unless the request itself is too large; nothing else.
-
-    `metadata` (the call's trailing metadata) is asked first; `details` is matched only without the flag."""
+    """May the same request succeed if sent again (later, or to another replica)? UNAVAILABLE and
+    RESOURCE_EXHAUSTED unless the server's pushback says no; grpc.aio's masked stream-write failure."""
+    if code == grpc.StatusCode.INTERNAL and details == _MASKED_WRITE_FAILURE:
+        return True
     if code not in RETRYABLE_CODES:
         return False
-    flag = retryable_flag(metadata)
-    if flag is not None:
-        return flag
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return not any(p in details for p in _PERMANENT_EXHAUSTION)
-    return True
+    pushback = pushback_ms(metadata)
+    if pushback is not None:
+        return pushback >= 0
+    return not (code == grpc.StatusCode.RESOURCE_EXHAUSTED and _TOO_LARGE in details)
 
 
-def stream_retry_decision(
-    code: grpc.StatusCode, details: str, metadata: Iterable[tuple[str, str | bytes]] | None = None
-) -> tuple[bool, bool]:
-    """(resend elsewhere?, mark the replica down?) for a ScoreStream call that ended with requests unanswered.
-
-    grpc.aio reports a write to a call that has just ended (peer gone, or the server ended the stream) as
-    INTERNAL "Internal error from Core", overwriting the real status (https://github.com/grpc/grpc/issues/36066):
-    the cause is unknown, so the requests are resent; a bad request fails again there with its own status."""
-    if code == grpc.StatusCode.INTERNAL and details == _MASKED_WRITE_FAILURE:
-        return True, False
-    return is_retryable(code, details, metadata), code == grpc.StatusCode.UNAVAILABLE
-
-
-def backoff_s(attempt: int, base_s: float, max_s: float, rng: random.Random | None = None) -> float:
-    """Delay before retry number `attempt` (1, 2, ...): base·2^(attempt-1) capped at max_s, "equal jitter"
-    (half fixed, half uniform) so that clients failed over together do not retry in lockstep."""
-    cap = min(max_s, base_s * 2 ** max(attempt - 1, 0))
-    return cap / 2 + (rng or random).uniform(0.0, cap / 2)
-
-
-# ---------------------------------------------------------------------------------------------- errors
 class TeacherError(RuntimeError):
-    """A failed teacher RPC: `code` (grpc.StatusCode), `details` (the server's message), `address`, and
-    `retryable` (is_retryable's verdict, from the server's metadata flag when it sent one)."""
+    """A failed teacher call: `code` (grpc.StatusCode), `details` (the server's message), `address`, `method`,
+    and `retryable` (is_retryable's verdict)."""
 
     def __init__(
         self,
@@ -98,7 +179,7 @@ class InvalidRequestError(TeacherError):
 
 
 class TeacherUnavailableError(TeacherError):
-    """UNAVAILABLE on every attempt (all replicas down or draining)."""
+    """UNAVAILABLE on every attempt (every replica down, loading or draining)."""
 
 
 class TeacherOverloadedError(TeacherError):
@@ -139,44 +220,3 @@ def error_from_rpc(err: grpc.RpcError, address: str = "", method: str = "") -> T
     """The TeacherError for a grpc.RpcError (raise it `from err` to keep the original)."""
     trailing = getattr(err, "trailing_metadata", None)  # grpc.RpcError itself does not promise one
     return make_error(err.code(), err.details() or "", address, method, trailing() if trailing else None)
-
-
-# ------------------------------------------------------------------------------------------- balancing
-class Balancer:
-    """Picks a replica: least outstanding requests among the healthy ones, round-robin among ties.
-
-    A replica marked down sits out `cooldown_s` (it is still picked when nothing else is left). `avoid`
-    holds the replicas that already failed this call, so a retry goes to the next one."""
-
-    def __init__(self, n: int, cooldown_s: float = 5.0, clock: Callable[[], float] = time.monotonic):
-        if n < 1:
-            raise ValueError("the teacher client needs at least one target address")
-        self.n, self.cooldown_s, self._clock = n, cooldown_s, clock
-        self.outstanding = [0] * n
-        self.down_until = [0.0] * n
-        self._next = 0
-
-    def pick(self, avoid: Iterable[int] = ()) -> int:
-        now, avoid = self._clock(), set(avoid)
-        order = [(self._next + j) % self.n for j in range(self.n)]
-        up = [i for i in order if self.down_until[i] <= now]
-        for pool in ([i for i in up if i not in avoid], [i for i in order if i not in avoid], up):
-            if pool:
-                break
-        else:  # everything down and already tried: the one that comes back first
-            pool = [min(order, key=lambda i: self.down_until[i])]
-        best = min(pool, key=lambda i: self.outstanding[i])  # first of the rotation among ties
-        self._next = (best + 1) % self.n
-        return best
-
-    def acquire(self, i: int) -> None:
-        self.outstanding[i] += 1
-
-    def release(self, i: int) -> None:
-        self.outstanding[i] -= 1
-
-    def mark_down(self, i: int) -> None:
-        self.down_until[i] = self._clock() + self.cooldown_s
-
-    def mark_up(self, i: int) -> None:
-        self.down_until[i] = 0.0

@@ -1,9 +1,12 @@
-"""`asymkd serve` configuration: one dataclass, from YAML (`--config`) and flags (`--max-wait-ms 5`)."""
+"""`asymkd serve` configuration: one dataclass, from YAML (`--config`) and flags (`--max-wait-ms 5`).
+
+Each field's docstring is its `asymkd serve --help` text (asymkd/config.py loads and documents it).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 
 @dataclass
@@ -21,25 +24,37 @@ class VLLMOptions:
     """
 
     runner: Literal["pooling", "generate", "both"] = "pooling"
-    # GPUs: the fraction of GPU memory vLLM may use (None = 0.9). The CPU build reads it as the fraction of
-    # RAM that must hold the worker's own memory AND the KV cache (0.9 never fits): there None means a
-    # fixed KV cache of kv_cache_memory_bytes (default 1 GiB) instead.
+    """what the engine computes: pooling (every Score signal), generate (prompt logprobs + Generate), both"""
     gpu_memory_utilization: float | None = None
-    kv_cache_memory_bytes: int | None = None  # a fixed KV cache size; overrides gpu_memory_utilization
+    """GPUs: the fraction of GPU memory vLLM may use (None = 0.9). The CPU build reads it as the fraction of
+    RAM that must hold the worker's own memory AND the KV cache (0.9 never fits): there None means a fixed KV
+    cache of kv_cache_memory_bytes (default 1 GiB) instead."""
+    kv_cache_memory_bytes: int | None = None
+    """a fixed KV cache size; overrides gpu_memory_utilization"""
     enforce_eager: bool = False
-    cpu_offload_gb: float = 0.0  # asymmetric placement: spill teacher weights to host memory
+    """vLLM: run eagerly, no CUDA graphs (faster start, slower steps)"""
+    cpu_offload_gb: float = 0.0
+    """asymmetric placement: spill teacher weights to host memory"""
     quantization: str | None = None
-    distributed_executor_backend: str | None = None  # "mp" | "ray" | "external_launcher"
+    """vLLM quantization method (e.g. fp8, awq); None = vLLM's default"""
+    distributed_executor_backend: str | None = None
+    """"mp" | "ray" | "external_launcher"; None = vLLM's choice"""
     max_num_seqs: int | None = None
+    """sequences per engine step; None = vLLM's default"""
     max_num_batched_tokens: int | None = None
-    # multi-node: nodes, this node's rank, the head node's address (tensor/pipeline parallel across nodes)
+    """tokens per engine step; None = vLLM's default"""
     nnodes: int = 1
+    """multi-node (tensor/pipeline parallel across nodes): the number of nodes"""
     node_rank: int = 0
+    """multi-node: this node's rank"""
     master_addr: str | None = None
+    """multi-node: the head node's address"""
     master_port: int | None = None
-    # pooling runner: where the output layer runs ("auto" = cuda if available, else cpu)
+    """multi-node: the head node's port"""
     head_device: str = "auto"
-    extra_engine_args: dict = field(default_factory=dict)  # any other AsyncEngineArgs field, verbatim
+    """pooling runner: where the output layer runs ("auto" = cuda if available, else cpu)"""
+    extra_engine_args: dict[str, Any] = field(default_factory=dict)
+    """any other AsyncEngineArgs field, verbatim (`--vllm.extra-engine-args '{swap_space: 4}'`)"""
 
     def __post_init__(self):
         util = self.gpu_memory_utilization
@@ -57,32 +72,58 @@ class VLLMOptions:
 
 @dataclass
 class ServeConfig:
-    model: str = "default"  # an HF folder, a .gguf file, or "default" (the embedded SmolLM2-135M-Instruct)
+    """Run the asymkd teacher gRPC service (Teacher + health + reflection, Prometheus metrics)."""
+
+    model: str = "default"
+    """an HF folder, a .gguf file, or "default" (the embedded SmolLM2-135M-Instruct)"""
     backend: Literal["hf", "vllm"] = "hf"
-    device: str = "cpu"  # hf backend: "cpu", "cuda", "cuda:1"
+    """the engine: HF transformers (one device) or vLLM (tensor/pipeline parallel)"""
+    device: str = "cpu"
+    """hf backend: "cpu", "cuda", "cuda:1\""""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """the teacher's weights and compute dtype"""
     host: str = "127.0.0.1"
-    port: int = 50051  # 0 = any free port (printed at start)
-    metrics_port: int | None = None  # Prometheus /metrics on this HTTP port; None = off, 0 = any free port
-    max_batch_tokens: int = 8192  # micro-batch token budget (sum of sequence lengths)
-    max_request_tokens: int = 65536  # larger requests get RESOURCE_EXHAUSTED
-    max_wait_ms: float = 5.0  # how long the batcher waits to fill a batch
-    max_queue_requests: int = 256  # bounded queue; beyond it RESOURCE_EXHAUSTED at once
-    max_seq_len: int = 0  # 0 = the model's max_position_embeddings
+    """the address to listen on"""
+    port: int = 50051
+    """0 = any free port (printed at start)"""
+    metrics_port: int | None = None
+    """Prometheus /metrics on this HTTP port; None = off, 0 = any free port"""
+    max_batch_tokens: int = 8192
+    """micro-batch token budget (sum of sequence lengths)"""
+    max_request_tokens: int = 65536
+    """larger requests get RESOURCE_EXHAUSTED"""
+    max_wait_ms: float = 5.0
+    """how long the batcher waits to fill a batch"""
+    max_queue_requests: int = 256
+    """bounded queue; beyond it RESOURCE_EXHAUSTED at once"""
+    max_seq_len: int = 0
+    """0 = the model's max_position_embeddings"""
     max_top_k: int = 256
-    max_message_bytes: int = 64 * 1024 * 1024  # gRPC send/receive limit; larger responses are refused
-    max_queue_tokens: int = 0  # also bound the queue by tokens waiting; 0 = by requests only
-    max_inflight_batches: int = 1  # engine batches running at once (vLLM can overlap several)
-    max_stream_inflight: int = 64  # ScoreStream: requests of one stream being worked on at once
-    # ScoreStream: large results are split into messages of about this size (at most max_message_bytes / 2)
+    """the largest top_k a request may ask for"""
+    max_message_bytes: int = 64 * 1024 * 1024
+    """gRPC send/receive limit; larger responses are refused"""
+    max_queue_tokens: int = 0
+    """also bound the queue by tokens waiting; 0 = by requests only"""
+    max_inflight_batches: int = 1
+    """engine batches running at once (vLLM can overlap several)"""
+    max_stream_inflight: int = 64
+    """ScoreStream: requests of one stream being worked on at once"""
     stream_chunk_bytes: int = 4 * 1024 * 1024
+    """ScoreStream: large results are split into messages of about this size (at most max_message_bytes / 2)"""
     tensor_parallel_size: int = 1
+    """vllm backend: GPUs a layer is split over"""
     pipeline_parallel_size: int = 1
+    """vllm backend: pipeline stages"""
     seed: int = 0
+    """seeds the server-chosen sampling seeds (Generate, SAMPLED) and the engine"""
     warmup: bool = True
-    drain_timeout_s: float = 30.0  # SIGTERM: finish in-flight requests for at most this long
+    """one tiny score (+ generate) after loading, before health says SERVING"""
+    drain_timeout_s: float = 30.0
+    """SIGTERM: finish in-flight requests for at most this long"""
     log_level: str = "INFO"
+    """DEBUG | INFO | WARNING | ERROR"""
     vllm: VLLMOptions = field(default_factory=VLLMOptions)
+    """vllm backend: engine options"""
 
     def __post_init__(self):
         checks = {

@@ -43,7 +43,7 @@ def health_status(address: str, service: str = "", timeout_s: float = 2.0) -> in
 
 
 class LocalTeacher:
-    """A `python -m teacher_server.server` child process on a loopback port."""
+    """An `asymkd serve` child process (`python -m asymkd.cli serve ...`) on a loopback port."""
 
     def __init__(
         self,
@@ -69,7 +69,7 @@ class LocalTeacher:
         return f"{self.host}:{self.port}"
 
     def start(self) -> LocalTeacher:
-        cmd = [sys.executable, "-m", "teacher_server.server", *self.serve_args]
+        cmd = [sys.executable, "-m", "asymkd.cli", "serve", *self.serve_args]
         cmd += ["--host", self.host, "--port", str(self.port)]
         out = None
         if self.log_path:

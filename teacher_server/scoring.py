@@ -17,7 +17,8 @@ from dataclasses import replace
 
 import torch
 
-from teacher_server.backends.base import ScoreItem, ScoreParams, SeqScores, Signal
+from asymkd.contract import SequenceScores, Signal
+from teacher_server.backends.base import ScoreItem, ScoreParams
 
 CHUNK_ROWS = 512
 # tail_logprob sums exp(log-probs) through one scratch buffer of at most this size: a fresh (R, V) temporary
@@ -97,7 +98,7 @@ def scores_from_logits(
     item: ScoreItem,
     params: ScoreParams,
     generator: torch.Generator | None = None,
-) -> SeqScores:
+) -> SequenceScores:
     """Teacher signal for one sequence from its (R, V) logits rows (row r predicts item.targets[r])."""
     targets = item.targets.to(logits.device)
     out: dict[str, list[torch.Tensor]] = {}
@@ -109,7 +110,7 @@ def scores_from_logits(
             out.setdefault(name, []).append(t)
     vd = params.value_dtype
     res = {n: torch.cat(ts).cpu() for n, ts in out.items()}
-    return SeqScores(
+    return SequenceScores(
         ids=res["ids"].to(torch.int32) if "ids" in res else None,
         logprobs=res["logprobs"].to(vd) if "logprobs" in res else None,
         tail_logprob=res["tail_logprob"].to(vd) if "tail_logprob" in res else None,
@@ -125,7 +126,7 @@ def scores_from_hidden(
     params: ScoreParams,
     logits_fn: Callable[[torch.Tensor], torch.Tensor],
     generator: torch.Generator | None = None,
-) -> SeqScores:
+) -> SequenceScores:
     """Signal for one item from its (R, H) final hidden rows (row r predicts item.targets[r]).
 
     `logits_fn` is the output layer, (N, H) -> (N, V); it runs on CHUNK_ROWS rows at a time, so at most
@@ -150,10 +151,10 @@ def row_slice(item: ScoreItem, a: int, b: int) -> ScoreItem:
     return ScoreItem(token_ids=item.token_ids[: sf + b + 1], score_from=sf + a, at_ids=at)
 
 
-def concat_scores(parts: list[SeqScores]) -> SeqScores:
-    """Row-wise concatenation of the SeqScores of consecutive row ranges of one sequence."""
+def concat_scores(parts: list[SequenceScores]) -> SequenceScores:
+    """Row-wise concatenation of the SequenceScores of consecutive row ranges of one sequence."""
     names = parts[0].tensors().keys()
-    return SeqScores(**{n: torch.cat([getattr(p, n) for p in parts]) for n in names})
+    return SequenceScores(**{n: torch.cat([getattr(p, n) for p in parts]) for n in names})
 
 
 def item_generator(item: ScoreItem, base_seed: int) -> torch.Generator:

@@ -1,8 +1,9 @@
-"""`asymkd serve`: the teacher gRPC service (Teacher + health + reflection, Prometheus metrics).
+"""The teacher gRPC service (Teacher + health + reflection, Prometheus metrics); `asymkd serve` runs it.
 
     asymkd serve --model PATH --backend hf --device cpu --dtype float32 --port 50051
     asymkd serve --config serve.yaml --max-wait-ms 2          # YAML, then flags override it
-    python -m teacher_server.server --help                    # every option (ServeConfig)
+    asymkd serve --help                                       # every option (ServeConfig)
+    asyncio.run(serve(cfg))                                   # from Python: returns the exit code
 
 Start-up, in order: config -> health NOT_SERVING -> gRPC server listening (health answers NOT_SERVING while
 the model loads) -> backend load + warm-up -> health SERVING. SIGTERM/SIGINT: health NOT_SERVING ->
@@ -20,12 +21,10 @@ import sys
 from typing import TYPE_CHECKING
 
 import grpc
-import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from asymkd.configs import ConfigError, describe_fields, load_config
 from asymkd.v1 import teacher_pb2, teacher_pb2_grpc
 from teacher_server.config import ServeConfig
 
@@ -41,35 +40,6 @@ _HEALTH_SERVICES = ("", SERVICE_NAME)
 _MESSAGE_MARGIN_BYTES = 64 * 1024
 
 
-def usage() -> str:
-    rows = "\n".join(
-        f"  {flag:<40} {tp:<8} default: {default!r}" for flag, tp, default in describe_fields(ServeConfig)
-    )
-    return (
-        "usage: asymkd serve [--config FILE.yaml] [--key value ...]\n\n"
-        "Run the asymkd teacher gRPC service. Options (YAML keys, or flags that override them):\n"
-        f"  {'--config':<40} {'path':<8} a YAML file of the options below\n{rows}"
-    )
-
-
-def parse_config(argv: list[str]) -> ServeConfig:
-    """`--config FILE` names the YAML; every other flag overrides a ServeConfig field."""
-    yaml_path, overrides, i = None, [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--config":
-            if i + 1 >= len(argv):
-                raise ConfigError("--config needs a file path")
-            yaml_path, i = argv[i + 1], i + 2
-            continue
-        if arg.startswith("--config="):
-            yaml_path = arg.split("=", 1)[1]
-        else:
-            overrides.append(arg)
-        i += 1
-    return load_config(ServeConfig, yaml_path, overrides)
-
-
 class _TeacherFormatter(logging.Formatter):
     """`[teacher] message`; warnings and errors also say their level: `[teacher] ERROR: message`."""
 
@@ -78,7 +48,8 @@ class _TeacherFormatter(logging.Formatter):
         return f"[teacher] {level}{super().format(record)}"
 
 
-def _configure_logging(level: str) -> None:
+def configure_logging(level: str) -> None:
+    """`[teacher] ...` lines on stderr at `level` (ServeConfig.log_level)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_TeacherFormatter("%(message)s"))
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
@@ -209,21 +180,3 @@ async def _drain(
     await batcher.close()
     await backend.close()
     log.info("stopped")
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if "-h" in argv or "--help" in argv:
-        print(usage())
-        return 0
-    try:
-        cfg = parse_config(argv)
-    except (ConfigError, OSError, yaml.YAMLError) as e:
-        print(f"asymkd serve: error: {e}\n(`asymkd serve --help` lists the options)", file=sys.stderr)
-        return 2
-    _configure_logging(cfg.log_level)
-    return asyncio.run(serve(cfg))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -25,21 +25,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import grpc
 
+from asymkd.contract import SequenceScores
 from asymkd.v1 import teacher_pb2 as pb
 from asymkd.v1 import teacher_pb2_grpc
-from teacher_server.backends.base import (
-    GenerateChunk,
-    ScoreParams,
-    SeqScores,
-    TeacherBackend,
-    UnsupportedSignal,
-)
+from asymkd.wire import WireError, chunk_to_proto, info_to_proto, scores_to_proto, split_results
+from teacher_server.backends.base import ScoreParams, TeacherBackend, UnsupportedSignal
 from teacher_server.batching import MicroBatcher
 from teacher_server.config import ServeConfig
 from teacher_server.metrics import Metrics
@@ -52,7 +49,6 @@ from teacher_server.validation import (
     parse_generate_request,
     parse_score_request,
 )
-from teacher_server.wire import WireError, to_proto
 
 log = logging.getLogger("asymkd.teacher.servicer")
 
@@ -67,53 +63,6 @@ def status_of(exc: BaseException, rpc: str) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     log.error("%s failed unexpectedly", rpc, exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"teacher error ({type(exc).__name__}: {exc}); see the server log"
-
-
-def scores_to_proto(s: SeqScores, sequence_index: int, rows: slice | None = None) -> pb.SequenceScores:
-    """One sequence's result (or the `rows` slice of it) as a SequenceScores message."""
-    tensors = {n: to_proto(t if rows is None else t[rows]) for n, t in s.tensors().items()}
-    first_row = 0 if rows is None else rows.start
-    return pb.SequenceScores(sequence_index=sequence_index, first_row=first_row, **tensors)
-
-
-def split_results(scores: list[SeqScores], chunk_bytes: int) -> Iterator[list[pb.SequenceScores]]:
-    """Pack results into groups of about `chunk_bytes` each; a large result is cut by rows (>= 1 row)."""
-    group: list[pb.SequenceScores] = []
-    group_bytes = 0
-    for i, s in enumerate(scores):
-        rows = _num_rows(s)
-        per_row = max(1, s.nbytes() // max(rows, 1))
-        step = max(1, chunk_bytes // per_row)
-        for start in range(0, max(rows, 1), step):
-            stop = min(start + step, rows)
-            piece_bytes = (stop - start) * per_row
-            if group and group_bytes + piece_bytes > chunk_bytes:
-                yield group
-                group, group_bytes = [], 0
-            group.append(scores_to_proto(s, i, slice(start, stop)))
-            group_bytes += piece_bytes
-    if group:
-        yield group
-
-
-def _num_rows(s: SeqScores) -> int:
-    return next(iter(s.tensors().values())).shape[0] if s.tensors() else 0
-
-
-def chunk_to_proto(request_id: str, c: GenerateChunk) -> pb.GenerateResponse:
-    msg = pb.GenerateResponse(
-        request_id=request_id,
-        prompt_index=c.prompt_index,
-        sample_index=c.sample_index,
-        token_ids=c.token_ids,
-        logprobs=to_proto(c.logprobs),
-        finished=c.finished,
-        finish_reason=c.finish_reason,
-    )
-    if c.top_ids is not None:
-        msg.top_ids.CopyFrom(to_proto(c.top_ids))
-        msg.top_logprobs.CopyFrom(to_proto(c.top_logprobs))
-    return msg
 
 
 class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
@@ -188,28 +137,17 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
     async def GetInfo(self, request: pb.GetInfoRequest, context) -> pb.TeacherInfo:
         async with self._call("GetInfo", context):
             backend, _, limits = self._ready()
-            i = backend.info
-            return pb.TeacherInfo(
-                model=i.model,
-                backend=i.backend,
-                vocab_size=i.vocab_size,
-                hidden_size=i.hidden_size,
-                max_seq_len=i.max_seq_len,
+            info = dataclasses.replace(
+                backend.info,
                 max_top_k=limits.max_top_k,
-                tokenizer_hash=i.tokenizer_hash,
-                tensor_parallel_size=i.tensor_parallel_size,
-                pipeline_parallel_size=i.pipeline_parallel_size,
-                signals=[int(s) for s in i.signals],
-                dtype=i.dtype,
                 max_request_tokens=self.cfg.max_request_tokens,
                 max_message_bytes=self.cfg.max_message_bytes,
-                eos_token_ids=list(i.eos_token_ids),
-                tokenizer_vocab_size=i.tokenizer_vocab_size,
             )
+            return info_to_proto(info)
 
     async def _score(
         self, request: pb.ScoreRequest, max_bytes: int | None
-    ) -> tuple[ScoreParams, list[SeqScores]]:
+    ) -> tuple[ScoreParams, list[SequenceScores]]:
         """Validate and score one request; `max_bytes` refuses a result that cannot travel (unary)."""
         _, batcher, limits = self._ready()
         items, params = parse_score_request(request, limits)

@@ -17,25 +17,23 @@ import grpc
 import numpy as np
 import torch
 
+from asymkd.contract import NO_RETRY_METADATA, Signal, TeacherInfo
 from asymkd.v1 import teacher_pb2 as pb
-from teacher_server.backends.base import BackendInfo, GenerateParams, ScoreItem, ScoreParams, Signal
-from teacher_server.wire import TORCH_OF_DTYPE, VALUE_DTYPES, WireError, from_proto
+from asymkd.wire import TORCH_OF_DTYPE, VALUE_DTYPES, WireError, tensor_from_proto
+from teacher_server.backends.base import GenerateParams, ScoreItem, ScoreParams
 
 # Below this, logits / T can overflow float32 and log-softmax turns to NaN; greedy decoding is the limit.
 MIN_TEMPERATURE = 1e-6
 # Per-message overhead on top of the tensor bytes (tags, lengths, shapes, request_id), generous on purpose.
 _OVERHEAD_PER_SEQUENCE = 256
 SPLIT_ADVICE = "send fewer/shorter sequences or split them over several requests on ScoreStream"
-# Trailing-metadata key of a refusal that no retry can fix (the request or its response is too big), so that
-# a client tells it from a full queue (same RESOURCE_EXHAUSTED, retryable) without parsing the details.
-RETRYABLE_METADATA_KEY = "asymkd-retryable"
 
 
 class RequestError(Exception):
     """A caller's mistake (or a refusal the caller can act on), mapped by the servicer to `code`.
 
-    `retryable=False` marks a refusal that would recur on any replica: the status then carries the trailing
-    metadata `("asymkd-retryable", "false")`. None (the default) sends nothing: the code decides."""
+    `retryable=False` marks a refusal that would recur on any replica: the status then carries gRPC's server
+    pushback `grpc-retry-pushback-ms: -1` (no retry; asymkd.contract). None (the default) sends nothing."""
 
     def __init__(self, code: grpc.StatusCode, field: str, message: str, *, retryable: bool | None = None):
         super().__init__(f"{field}: {message}" if field else message)
@@ -45,7 +43,7 @@ class RequestError(Exception):
         self.retryable = retryable
 
     def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
-        return ((RETRYABLE_METADATA_KEY, "false"),) if self.retryable is False else ()
+        return NO_RETRY_METADATA if self.retryable is False else ()
 
 
 def invalid(field: str, message: str) -> RequestError:
@@ -62,10 +60,10 @@ class Limits:
     max_top_k: int
     max_request_tokens: int
     signals: frozenset[Signal]
-    hint: str = ""  # the backend's note on what it serves (BackendInfo.extra["note"]), for refusals
+    hint: str = ""  # the backend's note on what it serves (TeacherInfo.note), for refusals
 
     @classmethod
-    def from_info(cls, info: BackendInfo, max_request_tokens: int) -> Limits:
+    def from_info(cls, info: TeacherInfo, max_request_tokens: int) -> Limits:
         return cls(
             vocab_size=info.vocab_size,
             hidden_size=info.hidden_size,
@@ -73,7 +71,7 @@ class Limits:
             max_top_k=min(info.max_top_k, info.vocab_size),
             max_request_tokens=max_request_tokens,
             signals=frozenset(Signal(s) for s in info.signals),
-            hint=str(info.extra.get("note") or ""),
+            hint=info.note,
         )
 
 
@@ -174,7 +172,7 @@ def _at_ids(seq: pb.TokenSequence, field: str, rows: int, limits: Limits) -> tor
     if not seq.HasField("at_ids"):
         raise invalid(field, "required for signal AT_IDS (INT32 [R, m])")
     try:
-        at = from_proto(seq.at_ids, field)
+        at = tensor_from_proto(seq.at_ids, field)
     except WireError as e:
         raise invalid(e.field, str(e).split(": ", 1)[1]) from None
     if at.dtype not in (torch.int32, torch.int64):

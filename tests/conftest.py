@@ -30,7 +30,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(tmp_path_factory):
     """A random 2-layer Llama (hidden 64, head_dim 32, vocab 512 from a tiny BPE) with its tokenizer."""
-    from teacher_server.models import build_tiny_llama
+    from tests.tiny_models import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny_teacher"), seed=0)
 
@@ -38,7 +38,7 @@ def tiny_teacher_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_student_dir(tmp_path_factory, tiny_teacher_dir):
     """A smaller random Llama sharing the teacher's tokenizer."""
-    from teacher_server.models import build_tiny_llama
+    from tests.tiny_models import build_tiny_llama
 
     return build_tiny_llama(
         tmp_path_factory.mktemp("tiny_student"),

@@ -2,28 +2,19 @@
 
 The servicer converts proto <-> these types and validates requests before they reach a backend, so a
 backend may assume: 2 <= len(token_ids) <= max_seq_len, ids in [0, vocab_size), 0 <= score_from <= L-2,
-1 <= top_k <= max_top_k for TOP_K, temperature finite and > 0.
+1 <= top_k <= max_top_k for TOP_K, temperature finite and > 0. Results and facts are the contract types
+both sides share (asymkd/contract.py): SequenceScores, GenerateChunk, TeacherInfo.
 """
 
 from __future__ import annotations
 
 import abc
-import enum
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from asymkd.v1 import teacher_pb2 as pb
-
-
-class Signal(enum.IntEnum):
-    TOP_K = pb.TOP_K
-    TARGET_ONLY = pb.TARGET_ONLY
-    AT_IDS = pb.AT_IDS
-    SAMPLED = pb.SAMPLED
-    FULL = pb.FULL
-    HIDDEN = pb.HIDDEN
+from asymkd.contract import GenerateChunk, SequenceScores, Signal, TeacherInfo
 
 
 class BackendError(RuntimeError):
@@ -60,26 +51,6 @@ class ScoreItem:
         return self.token_ids[self.score_from + 1 :]
 
 
-@dataclass
-class SeqScores:
-    """Teacher signal for one sequence; every tensor has R rows (CPU tensors)."""
-
-    ids: torch.Tensor | None = None  # (R, k) int32
-    logprobs: torch.Tensor | None = None  # (R, k)
-    tail_logprob: torch.Tensor | None = None  # (R,)
-    target_logprob: torch.Tensor | None = None  # (R,)
-    full: torch.Tensor | None = None  # (R, V)
-    hidden: torch.Tensor | None = None  # (R, H)
-    counts: torch.Tensor | None = None  # SAMPLED: (R, m) int32
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        names = ("ids", "logprobs", "tail_logprob", "target_logprob", "full", "hidden", "counts")
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
-
-
 @dataclass(frozen=True)
 class GenerateParams:
     max_new_tokens: int = 128
@@ -93,38 +64,6 @@ class GenerateParams:
     value_dtype: torch.dtype = torch.float32
 
 
-@dataclass
-class GenerateChunk:
-    """New tokens of one (prompt, sample) since its previous chunk."""
-
-    prompt_index: int
-    sample_index: int
-    token_ids: list[int]
-    logprobs: torch.Tensor  # (n,)
-    top_ids: torch.Tensor | None = None  # (n, k) int32
-    top_logprobs: torch.Tensor | None = None  # (n, k)
-    finished: bool = False
-    finish_reason: str = ""
-
-
-@dataclass
-class BackendInfo:
-    model: str
-    backend: str
-    vocab_size: int
-    hidden_size: int
-    max_seq_len: int
-    max_top_k: int
-    tokenizer_hash: str
-    dtype: str
-    signals: tuple[Signal, ...]
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    eos_token_ids: tuple[int, ...] = ()
-    tokenizer_vocab_size: int = 0
-    extra: dict = field(default_factory=dict)
-
-
 class UnsupportedSignal(NotImplementedError):
     """A known signal this backend does not implement (maps to UNIMPLEMENTED)."""
 
@@ -132,14 +71,14 @@ class UnsupportedSignal(NotImplementedError):
 class TeacherBackend(abc.ABC):
     """An inference engine for one teacher model. Methods are async; blocking engines use a worker thread."""
 
-    info: BackendInfo
+    info: TeacherInfo  # the model facts (the server adds its own caps before answering GetInfo)
 
     async def start(self) -> None:  # noqa: B027  (optional hook)
         """Load and warm up; health turns SERVING only after this returns."""
 
     @abc.abstractmethod
-    async def score(self, items: list[ScoreItem], params: ScoreParams) -> list[SeqScores]:
-        """Score every item (one SeqScores per item, in order)."""
+    async def score(self, items: list[ScoreItem], params: ScoreParams) -> list[SequenceScores]:
+        """Score every item (one SequenceScores per item, in order)."""
 
     @abc.abstractmethod
     def generate(self, prompts: list[torch.Tensor], params: GenerateParams) -> AsyncIterator[GenerateChunk]:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from asymkd.contract import tokenizer_hash
+
 log = logging.getLogger("asymkd.teacher.backends")
 
 # ServeConfig.dtype -> the torch dtype the teacher's weights run in.
@@ -28,8 +30,6 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 def tokenizer_facts(folder: Path, gguf: str | None = None) -> tuple[int, str]:
     """(len(tokenizer), tokenizer_hash) of a model folder (or a GGUF file in it); (0, "") without one."""
     from transformers import AutoTokenizer
-
-    from teacher_server.models import tokenizer_hash
 
     try:
         tok = AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))

@@ -25,18 +25,9 @@ from pathlib import Path
 
 import torch
 
+from asymkd.contract import GenerateChunk, SequenceScores, Signal, TeacherInfo
 from teacher_server import scoring
-from teacher_server.backends.base import (
-    BackendError,
-    BackendInfo,
-    GenerateChunk,
-    GenerateParams,
-    ScoreItem,
-    ScoreParams,
-    SeqScores,
-    Signal,
-    TeacherBackend,
-)
+from teacher_server.backends.base import BackendError, GenerateParams, ScoreItem, ScoreParams, TeacherBackend
 from teacher_server.backends.common import TORCH_DTYPES, LogitExtras, eos_token_ids, tokenizer_facts
 from teacher_server.config import ServeConfig
 
@@ -99,11 +90,11 @@ class HFBackend(TeacherBackend):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-teacher")
         self._seeds = torch.Generator().manual_seed(cfg.seed)  # server-chosen seeds (worker thread only)
         self._active: set[threading.Event] = set()
-        self._info: BackendInfo | None = None
+        self._info: TeacherInfo | None = None
         self.model = None
 
     @property
-    def info(self) -> BackendInfo:
+    def info(self) -> TeacherInfo:
         if self._info is None:
             raise RuntimeError("HFBackend.info is available after `await start()`")
         return self._info
@@ -162,7 +153,7 @@ class HFBackend(TeacherBackend):
         self._extras = LogitExtras.from_config(text_cfg)
         tok_len, tok_hash = tokenizer_facts(folder, gguf)
         vocab_size, hidden_size = self._head.weight.shape
-        self._info = BackendInfo(
+        self._info = TeacherInfo(
             model=name,
             backend="hf",
             vocab_size=int(vocab_size),
@@ -178,14 +169,14 @@ class HFBackend(TeacherBackend):
 
     # ---- scoring ---------------------------------------------------------------------------------------
 
-    async def score(self, items: list[ScoreItem], params: ScoreParams) -> list[SeqScores]:
-        """One SeqScores per item, in order; runs on the worker thread."""
+    async def score(self, items: list[ScoreItem], params: ScoreParams) -> list[SequenceScores]:
+        """One SequenceScores per item, in order; runs on the worker thread."""
         self.info  # noqa: B018  (raises before start)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._score_sync, items, params)
 
-    def _score_sync(self, items: list[ScoreItem], params: ScoreParams) -> list[SeqScores]:
-        results: list[SeqScores | None] = [None] * len(items)
+    def _score_sync(self, items: list[ScoreItem], params: ScoreParams) -> list[SequenceScores]:
+        results: list[SequenceScores | None] = [None] * len(items)
         base_seed = params.seed or self._fresh_seed()
         lengths = [it.token_ids.numel() for it in items]
         with torch.inference_mode():

@@ -48,16 +48,13 @@ from pathlib import Path
 
 import torch
 
+from asymkd.contract import GenerateChunk, SequenceScores, Signal, TeacherInfo
 from teacher_server import scoring
 from teacher_server.backends.base import (
     BackendError,
-    BackendInfo,
-    GenerateChunk,
     GenerateParams,
     ScoreItem,
     ScoreParams,
-    SeqScores,
-    Signal,
     TeacherBackend,
     UnsupportedSignal,
 )
@@ -180,10 +177,10 @@ class VLLMBackend(TeacherBackend):
         self._head: OutputHead | None = None
         self._ids = itertools.count()
         self._seeds = torch.Generator().manual_seed(cfg.seed)
-        self._info: BackendInfo | None = None
+        self._info: TeacherInfo | None = None
 
     @property
-    def info(self) -> BackendInfo:
+    def info(self) -> TeacherInfo:
         if self._info is None:
             raise RuntimeError("VLLMBackend.info is available after `await start()`")
         return self._info
@@ -253,7 +250,7 @@ class VLLMBackend(TeacherBackend):
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
         log.info("VLLM_CPU_OMP_THREADS_BIND=%s (%d local rank(s))", bind, ranks)
 
-    def _make_info(self, folder: Path, runners: tuple[str, ...]) -> BackendInfo:
+    def _make_info(self, folder: Path, runners: tuple[str, ...]) -> TeacherInfo:
         from transformers import AutoConfig
 
         engine = next(iter(self._engines.values()))
@@ -266,7 +263,7 @@ class VLLMBackend(TeacherBackend):
             "(every signal: start with --vllm.runner pooling or both); Generate",
             "both": "Score via hidden states (exact, every signal); Generate via vLLM sampling",
         }
-        return BackendInfo(
+        return TeacherInfo(
             model=DEFAULT_TEACHER if self.cfg.model == "default" else self.cfg.model,
             backend="vllm",
             vocab_size=vocab,
@@ -280,7 +277,7 @@ class VLLMBackend(TeacherBackend):
             pipeline_parallel_size=self.cfg.pipeline_parallel_size,
             eos_token_ids=eos_token_ids([_generation_config(folder), text_cfg]),
             tokenizer_vocab_size=tok_len or vocab,
-            extra={"runner": self.runner, "generate": "generate" in runners, "note": notes[self.runner]},
+            note=notes[self.runner],
         )
 
     async def _warm_up(self) -> None:
@@ -310,14 +307,14 @@ class VLLMBackend(TeacherBackend):
 
     # ---- scoring ---------------------------------------------------------------------------------------
 
-    async def score(self, items: list[ScoreItem], params: ScoreParams) -> list[SeqScores]:
-        """One SeqScores per item, in order; the items run as concurrent engine requests."""
+    async def score(self, items: list[ScoreItem], params: ScoreParams) -> list[SequenceScores]:
+        """One SequenceScores per item, in order; the items run as concurrent engine requests."""
         self.info  # noqa: B018  (raises before start)
         if "pooling" in self._engines:
             return await self._score_pooling(items, params)
         return await self._score_prompt_logprobs(items, params)
 
-    async def _score_pooling(self, items: list[ScoreItem], params: ScoreParams) -> list[SeqScores]:
+    async def _score_pooling(self, items: list[ScoreItem], params: ScoreParams) -> list[SequenceScores]:
         hidden = await asyncio.gather(*(self._hidden_states(it.token_ids) for it in items))
         seed = (params.seed or self._fresh_seed()) if params.signal == Signal.SAMPLED else 0
         loop = asyncio.get_running_loop()
@@ -336,7 +333,7 @@ class VLLMBackend(TeacherBackend):
 
     def _head_scores(
         self, hidden: list[torch.Tensor], items: list[ScoreItem], params: ScoreParams, seed: int
-    ) -> list[SeqScores]:
+    ) -> list[SequenceScores]:
         sampled = params.signal == Signal.SAMPLED
         with torch.inference_mode():
             return [
@@ -344,7 +341,9 @@ class VLLMBackend(TeacherBackend):
                 for h, it in zip(hidden, items, strict=True)
             ]
 
-    async def _score_prompt_logprobs(self, items: list[ScoreItem], params: ScoreParams) -> list[SeqScores]:
+    async def _score_prompt_logprobs(
+        self, items: list[ScoreItem], params: ScoreParams
+    ) -> list[SequenceScores]:
         if params.signal not in PROMPT_LOGPROB_SIGNALS:
             raise UnsupportedSignal(
                 f"signal {params.signal.name} needs the final hidden states: start the vllm backend with "
@@ -363,7 +362,7 @@ class VLLMBackend(TeacherBackend):
 
     def _logprob_scores(
         self, outs: list, items: list[ScoreItem], params: ScoreParams, k: int
-    ) -> list[SeqScores]:
+    ) -> list[SequenceScores]:
         vocab = self.info.vocab_size
         return [
             scores_from_prompt_logprobs(*prompt_logprob_tensors(plp, k + 1), it, params, vocab)

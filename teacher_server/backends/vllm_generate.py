@@ -18,7 +18,8 @@ from collections.abc import AsyncIterator, Callable
 
 import torch
 
-from teacher_server.backends.base import BackendError, GenerateChunk, GenerateParams, UnsupportedSignal
+from asymkd.contract import GenerateChunk
+from teacher_server.backends.base import BackendError, GenerateParams, UnsupportedSignal
 from teacher_server.backends.vllm_logprobs import sample_logprob_tensors
 
 _FINISH_REASONS = ("stop", "length")

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
+from asymkd.contract import SequenceScores
 from teacher_server import scoring
-from teacher_server.backends.base import ScoreItem, ScoreParams, SeqScores
+from teacher_server.backends.base import ScoreItem, ScoreParams
 from teacher_server.backends.common import LogitExtras
 
 log = logging.getLogger("asymkd.teacher.vllm")
@@ -63,7 +64,7 @@ class OutputHead:
 
     def item_scores(
         self, hidden: torch.Tensor, item: ScoreItem, params: ScoreParams, gen: torch.Generator | None
-    ) -> SeqScores:
+    ) -> SequenceScores:
         """Signal for one item from its (L, H) hidden states, all positions (scoring.scores_from_hidden)."""
         rows = hidden[item.score_from : item.token_ids.numel() - 1]  # (R, H): row t predicts token t+1
         return scoring.scores_from_hidden(rows, item, params, self.logits, gen)

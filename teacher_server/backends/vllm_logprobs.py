@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from teacher_server.backends.base import ScoreItem, ScoreParams, SeqScores, Signal
+from asymkd.contract import SequenceScores, Signal
+from teacher_server.backends.base import ScoreItem, ScoreParams
 
 log = logging.getLogger("asymkd.teacher.vllm")
 
@@ -115,11 +116,11 @@ def derived_tail(top_logprobs: torch.Tensor) -> torch.Tensor:
 
 def scores_from_prompt_logprobs(
     ids: torch.Tensor, logprobs: torch.Tensor, item: ScoreItem, params: ScoreParams, vocab_size: int
-) -> SeqScores:
+) -> SequenceScores:
     """TOP_K / TARGET_ONLY for one item from its (L-1, k+1) prompt-logprob tensors (row t = our row t)."""
     rows = slice(item.score_from, None)
     vd = params.value_dtype
-    out = SeqScores(target_logprob=logprobs[rows, 0].to(vd))
+    out = SequenceScores(target_logprob=logprobs[rows, 0].to(vd))
     if params.signal == Signal.TOP_K:
         k = params.top_k
         top = logprobs[rows, 1 : k + 1]

@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from student_trainer.cache import main as cache_main
-from student_trainer.cli import train_main
+from asymkd.cli import cache as cache_main
+from asymkd.cli import train as train_main
 
 CACHE_K = 8
 

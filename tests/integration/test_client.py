@@ -1,7 +1,9 @@
 """TeacherClient / AsyncTeacherClient against real teacher servers (hf backend, tiny Llama) on loopback.
 
 Two module-scoped replicas expose Prometheus metrics, so balancing and "no retry" are observed on the
-servers themselves; failover kills a third replica of its own mid-stream.
+servers themselves; failover kills a third replica of its own mid-stream. The last tests run the client's
+gRPC policy (round_robin, health checks, the retry policy, the server's pushback) against stand-in servers
+that fail on purpose and count their calls.
 """
 
 from __future__ import annotations
@@ -9,19 +11,28 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
+import threading
 import time
 import urllib.request
 
+import grpc
+import grpc.aio
 import pytest
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 
-from teacher_server.backends.base import Signal
+from asymkd.contract import NO_RETRY_METADATA, Signal
+from asymkd.v1 import teacher_pb2 as pb
+from asymkd.v1 import teacher_pb2_grpc as pb_grpc
 from teacher_server.client import (
     AsyncTeacherClient,
     InvalidRequestError,
     ScoreQuery,
     TeacherClient,
+    TeacherOverloadedError,
     TeacherTimeoutError,
+    TeacherUnavailableError,
 )
 from teacher_server.launch import LocalTeacher, free_port
 
@@ -202,31 +213,31 @@ def test_async_client_score_and_stream(replicas, client):
         torch.testing.assert_close(s.target_logprob, e, atol=1e-5, rtol=0)
 
 
-def test_failover_when_a_replica_dies(replicas, tiny_teacher_dir, tmp_path, reference, caplog):
-    # The doomed replica holds each batch for 3 s, so the requests it has been sent are surely unanswered
-    # when it is killed: they must be resent to the survivor, answered once, and yielded in order.
+def test_unary_calls_fail_over_and_a_broken_stream_says_it_may_be_resent(
+    replicas, tiny_teacher_dir, tmp_path
+):
+    # The doomed replica holds each batch for 3 s, so requests it has been sent are surely unanswered when it
+    # is killed. Unary calls go on through the survivor (gRPC's round_robin + retry policy); a ScoreStream
+    # call that was on the doomed replica raises a retryable error, having yielded only answered results
+    # (resending is the caller's: the trainer's teacher feed does it, tests/integration/test_feed_restart.py).
     doomed = Replica(tiny_teacher_dir, tmp_path / "doomed.log", "--max-wait-ms", "3000")
     doomed.teacher.start()
     try:
-        seqs = _seqs(24, seed=4)
+        with TeacherClient([doomed.teacher.address], timeout_s=30) as only_doomed:
 
-        def queries():
-            for i, s in enumerate(seqs):
-                if i == 5:  # requests 0..4 are out, 0, 2, 4 on the doomed replica (index 0 of the client)
-                    doomed.teacher.kill()
-                yield [s]
+            def queries():
+                for i, s in enumerate(_seqs(6, seed=4)):
+                    if i == 3:  # requests 0..2 are out and unanswered
+                        doomed.teacher.kill()
+                    yield [s]
 
-        with TeacherClient([doomed.teacher.address, replicas[0].teacher.address], cooldown_s=60) as c:
-            results = [res for (res,) in c.score_stream(queries(), max_in_flight=6, signal="target_only")]
-            assert "resending 3 requests" in caplog.text
-            assert len(results) == len(seqs)
-            for seq, res in zip(seqs, results, strict=True):
-                torch.testing.assert_close(res.target_logprob, _target(reference, seq), atol=1e-4, rtol=0)
-            for _ in range(4):  # unary calls keep succeeding through the survivor
-                assert c.score([[1, 2, 3]], top_k=2)[0].ids.shape == (2, 2)
-        # a fresh client does not know the first address is dead: each call fails over on UNAVAILABLE
+            got = []
+            with pytest.raises(TeacherUnavailableError) as err:
+                for res in only_doomed.score_stream(queries(), max_in_flight=4, signal="target_only"):
+                    got.append(res)
+            assert err.value.retryable and got == []
         with TeacherClient([doomed.teacher.address, replicas[0].teacher.address]) as c:
-            for _ in range(3):
+            for _ in range(4):  # every call reaches the survivor, however the balancer starts
                 assert c.score([[1, 2, 3]], top_k=2)[0].ids.shape == (2, 2)
             assert c.info().vocab_size == 512
     finally:
@@ -241,3 +252,107 @@ def test_slow_consumer_of_score_stream_gets_every_answer_without_deadline_errors
             results.append(res)
             time.sleep(1.5)  # slower than the deadline: everything still queued must come through
     assert len(results) == 4
+
+
+# ---- gRPC's balancing, health checks and retries, on stand-in servers (the behaviour is the client's) ------
+class StandIn(pb_grpc.TeacherServicer):
+    """A Teacher servicer that answers GetInfo with its name, or fails every call with `code` (and, with
+    pushback, the server's "do not retry" trailer); it counts the calls it got."""
+
+    def __init__(self, name: str, code: grpc.StatusCode | None = None, pushback: bool = False):
+        self.name, self.code, self.pushback, self.calls = name, code, pushback, 0
+
+    async def GetInfo(self, request, context):
+        self.calls += 1
+        if self.code is not None:
+            if self.pushback:
+                context.set_trailing_metadata(NO_RETRY_METADATA)
+            await context.abort(self.code, f"{self.name} refuses")
+        return pb.TeacherInfo(model=self.name)
+
+
+class StandInServers:
+    """grpc.aio servers of StandIn servicers (with a health service) on loopback, on their own loop thread."""
+
+    def __init__(self, *servicers: StandIn):
+        self.servicers = servicers
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.servers, self.health, self.addresses = [], [], []
+        for s in servicers:
+            self._run(self._start(s))
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    async def _start(self, servicer: StandIn) -> None:
+        server = grpc.aio.server()
+        pb_grpc.add_TeacherServicer_to_server(servicer, server)
+        health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        await health.set("asymkd.v1.Teacher", health_pb2.HealthCheckResponse.SERVING)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        self.servers.append(server)
+        self.health.append(health)
+        self.addresses.append(f"127.0.0.1:{port}")
+
+    def set_serving(self, i: int, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        self._run(self.health[i].set("asymkd.v1.Teacher", status))
+
+    def close(self) -> None:
+        for server in self.servers:
+            self._run(server.stop(None))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture()
+def stand_ins(request):
+    servers = StandInServers(*request.param)
+    yield servers
+    servers.close()
+
+
+@pytest.mark.parametrize(
+    "stand_ins", [(StandIn("busy", grpc.StatusCode.RESOURCE_EXHAUSTED),)], indirect=True, ids=["busy"]
+)
+def test_a_full_queue_is_retried_max_retries_times(stand_ins):
+    client = TeacherClient(stand_ins.addresses, max_retries=2, backoff_base_s=0.01)
+    with client, pytest.raises(TeacherOverloadedError) as err:
+        client.info()
+    assert err.value.retryable and stand_ins.servicers[0].calls == 3  # 1 + max_retries
+
+
+@pytest.mark.parametrize(
+    "stand_ins",
+    [(StandIn("too-big", grpc.StatusCode.RESOURCE_EXHAUSTED, pushback=True),)],
+    indirect=True,
+    ids=["too-big"],
+)
+def test_a_refusal_with_the_servers_pushback_is_not_retried(stand_ins):
+    client = TeacherClient(stand_ins.addresses, max_retries=3, backoff_base_s=0.01)
+    with client, pytest.raises(TeacherOverloadedError) as err:
+        client.info()
+    assert not err.value.retryable and stand_ins.servicers[0].calls == 1
+
+
+@pytest.mark.parametrize(
+    "stand_ins",
+    [(StandIn("a"), StandIn("down", grpc.StatusCode.UNAVAILABLE), StandIn("b"))],
+    indirect=True,
+    ids=["three"],
+)
+def test_calls_spread_over_replicas_skip_failing_and_not_serving_ones(stand_ins):
+    with TeacherClient(stand_ins.addresses, max_retries=3, backoff_base_s=0.01) as c:
+        names = [c.info().model for _ in range(12)]  # "down" fails each call it gets: retried elsewhere
+        assert set(names) == {"a", "b"} and names.count("a") >= 4 and names.count("b") >= 4
+        stand_ins.set_serving(0, False)  # "a" drains: its health says NOT_SERVING
+        time.sleep(0.5)
+        calls_a = stand_ins.servicers[0].calls
+        assert {c.info().model for _ in range(6)} == {"b"}
+        assert stand_ins.servicers[0].calls == calls_a  # not even tried

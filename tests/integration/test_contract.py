@@ -18,10 +18,10 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from asymkd.contract import tokenizer_hash
 from asymkd.v1 import teacher_pb2 as pb
 from asymkd.v1 import teacher_pb2_grpc
-from teacher_server.models import tokenizer_hash
-from teacher_server.wire import from_proto, to_proto
+from asymkd.wire import tensor_from_proto, tensor_to_proto
 
 VOCAB, HIDDEN, MAX_LEN = 512, 64, 512
 TIMEOUT_S = 60
@@ -55,7 +55,7 @@ def request(*seqs, rid: str = "r", **kw) -> pb.ScoreRequest:
 
 
 def tensors(ss: pb.SequenceScores) -> dict[str, torch.Tensor]:
-    return {f.name: from_proto(v, f.name) for f, v in ss.ListFields() if isinstance(v, pb.Tensor)}
+    return {f.name: tensor_from_proto(v, f.name) for f, v in ss.ListFields() if isinstance(v, pb.Tensor)}
 
 
 def score(stub, *seqs, **kw) -> list[dict[str, torch.Tensor]]:
@@ -159,12 +159,15 @@ def test_unary_results_keep_request_order_and_value_dtype(stub):
 # ---- ScoreStream ------------------------------------------------------------------------------------
 
 
-def metric(teacher, name: str) -> float:
-    """One sample of the server's Prometheus metrics (`name` may carry a {label="..."} selector)."""
+def metric(teacher, name: str, missing: float | None = None) -> float:
+    """One sample of the server's Prometheus metrics (`name` may carry a {label="..."} selector); `missing`
+    when the sample is not there yet (a labelled counter appears at its first increment), else an error."""
     text = urllib.request.urlopen(
         f"http://127.0.0.1:{teacher.metrics_port}/metrics", timeout=TIMEOUT_S
     ).read()
     m = re.search("^" + re.escape(name) + r" (\S+)$", text.decode(), re.MULTILINE)
+    if m is None and missing is not None:
+        return missing
     assert m, name
     return float(m.group(1))
 
@@ -231,8 +234,8 @@ def test_generate_streams_samples_to_the_end(stub):
         assert chunks[-1].finish_reason in ("length", "stop")
         tokens = [t for c in chunks for t in c.token_ids]
         assert 1 <= len(tokens) <= 5
-        assert all(from_proto(c.top_ids).shape == (len(c.token_ids), 4) for c in chunks)
-        assert all((from_proto(c.logprobs) <= 0).all() for c in chunks)
+        assert all(tensor_from_proto(c.top_ids).shape == (len(c.token_ids), 4) for c in chunks)
+        assert all((tensor_from_proto(c.logprobs) <= 0).all() for c in chunks)
     again = generate(stub, [rand_ids(4, 1), rand_ids(7, 2)], **kw)
     assert {k: [c.token_ids for c in v] for k, v in again.items()} == {
         k: [c.token_ids for c in v] for k, v in out.items()
@@ -287,7 +290,7 @@ def test_bad_score_request_is_rejected_precisely(stub, req, code, text):
 
 def test_bad_at_ids_shape_names_the_field(stub):
     req = request([1, 2, 3, 4], signal=pb.AT_IDS)
-    req.sequences[0].at_ids.CopyFrom(to_proto(torch.zeros(2, 3, dtype=torch.int32)))
+    req.sequences[0].at_ids.CopyFrom(tensor_to_proto(torch.zeros(2, 3, dtype=torch.int32)))
     with pytest.raises(grpc.RpcError) as e:
         stub.Score(req, timeout=TIMEOUT_S)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -370,7 +373,7 @@ def test_response_over_the_message_limit_is_resource_exhausted_but_streams(limit
         limited.Score(req, timeout=TIMEOUT_S)
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "1048576" in e.value.details() and "ScoreStream" in e.value.details()
-    assert ("asymkd-retryable", "false") in e.value.trailing_metadata()
+    assert ("grpc-retry-pushback-ms", "-1") in e.value.trailing_metadata()
     responses = list(limited.ScoreStream(iter([req]), timeout=TIMEOUT_S))
     assert [t.shape[0] for t in reassemble(responses, "full", 4)] == [199] * 4
 
@@ -383,11 +386,11 @@ def test_request_over_the_message_limit_is_resource_exhausted(limited):
         limited.Score(request(*[[1] * 500] * 9), timeout=TIMEOUT_S)
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "4500 tokens exceed --max-request-tokens 4096" in e.value.details()
-    assert ("asymkd-retryable", "false") in e.value.trailing_metadata()  # no retry can fix it
+    assert ("grpc-retry-pushback-ms", "-1") in e.value.trailing_metadata()  # no retry can fix it
     with pytest.raises(grpc.RpcError) as e:
         list(limited.ScoreStream(iter([request(*[[1] * 500] * 9, rid="big")]), timeout=TIMEOUT_S))
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert ("asymkd-retryable", "false") in e.value.trailing_metadata()
+    assert ("grpc-retry-pushback-ms", "-1") in e.value.trailing_metadata()
     still_serving(limited)
 
 
@@ -404,7 +407,7 @@ def test_full_queue_is_resource_exhausted_at_once(limited):
             trailing += [key for key, _ in e.trailing_metadata()]
     assert "OK" in codes and "RESOURCE_EXHAUSTED" in codes, codes
     assert all("teacher queue full" in d and "retry with backoff" in d for d in details)
-    assert "asymkd-retryable" not in trailing  # a full queue is worth retrying
+    assert "grpc-retry-pushback-ms" not in trailing  # a full queue is worth retrying
     still_serving(limited)
 
 
@@ -424,9 +427,13 @@ def test_health_and_reflection(contract_teacher):
 
 
 def test_metrics_count_requests_tokens_and_batches(stub, contract_teacher):
+    ok, bad = (f'asymkd_teacher_requests_total{{code="{c}",rpc="Score"}}' for c in ("OK", "INVALID_ARGUMENT"))
+    before = {name: metric(contract_teacher, name, missing=0.0) for name in (ok, bad)}
     score(stub, rand_ids(10, 0), top_k=4)
-    assert metric(contract_teacher, 'asymkd_teacher_requests_total{code="OK",rpc="Score"}') >= 1
-    assert metric(contract_teacher, 'asymkd_teacher_requests_total{code="INVALID_ARGUMENT",rpc="Score"}') >= 1
+    with pytest.raises(grpc.RpcError):
+        stub.Score(request([1, 2, VOCAB]), timeout=TIMEOUT_S)  # id out of range
+    assert metric(contract_teacher, ok) == before[ok] + 1
+    assert metric(contract_teacher, bad) == before[bad] + 1
     assert metric(contract_teacher, "asymkd_teacher_tokens_scored_total") >= 10
     assert metric(contract_teacher, "asymkd_teacher_batch_tokens_count") >= 1
     assert metric(contract_teacher, 'asymkd_teacher_request_latency_seconds_count{rpc="Score"}') >= 1

@@ -7,19 +7,23 @@ student is refused at start, as the GetInfo handshake refuses it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from contextlib import closing
 
 import pytest
 import torch
 from transformers import AutoTokenizer
 
-from asymkd.configs import ConfigError
-from student_trainer.cli import train_main
-from student_trainer.config import DistillSection, TeacherSection
+from asymkd.cli import train as train_main
+from asymkd.config import ConfigError
+from asymkd.contract import tokenizer_hash
+from student_trainer.config import DistillSection, InProcessTeacherSection, TeacherSection
 from student_trainer.data import PackedDataset, pack, tokenize_documents
-from student_trainer.inprocess_teacher import InProcessTeacherFeed
-from student_trainer.teacher_feed import TeacherCompatError, TeacherFeed
-from teacher_server.models import tokenizer_hash
+from student_trainer.sources.base import StudentSide
+from student_trainer.sources.common import TeacherCompatError
+from student_trainer.sources.in_process import InProcessTeacher
+from student_trainer.sources.live import TeacherFeed
 
 N_BATCHES, TOP_K, STEPS = 5, 8, 4
 
@@ -45,11 +49,13 @@ def dataset(tiny_teacher_dir) -> PackedDataset:
     return PackedDataset(rows, micro_batch_size=4, seed=0)
 
 
-def feed_args(tiny_teacher_dir) -> dict:
-    return {
-        "vocab_size": len(AutoTokenizer.from_pretrained(tiny_teacher_dir)),
-        "tokenizer_hash": tokenizer_hash(tiny_teacher_dir),
-    }
+def student(tiny_teacher_dir, **changes) -> StudentSide:
+    side = StudentSide(
+        vocab_size=len(AutoTokenizer.from_pretrained(tiny_teacher_dir)),
+        tokenizer_hash=tokenizer_hash(tiny_teacher_dir),
+        seq_len=48,
+    )
+    return dataclasses.replace(side, **changes)
 
 
 @pytest.mark.parametrize("signal", ["top_k", "full"])
@@ -58,12 +64,12 @@ def test_in_process_feed_yields_the_served_feeds_tensors(teacher, dataset, tiny_
     batches = [dataset.batch(i) for i in range(N_BATCHES)]
     # prefetch 1: one request per engine call on the server, as in-process (same batch shapes)
     served_section = TeacherSection(targets=[teacher.address], prefetch=1, timeout_s=30)
-    with TeacherFeed(batches, served_section, distill, **feed_args(tiny_teacher_dir)) as feed:
+    with closing(TeacherFeed(batches, served_section, distill, student(tiny_teacher_dir))) as feed:
         served = list(feed)
     in_process_section = TeacherSection(
-        in_process=str(tiny_teacher_dir), in_process_args=["--max-top-k", "64"]
+        in_process=InProcessTeacherSection(model=str(tiny_teacher_dir), max_top_k=64)
     )
-    with InProcessTeacherFeed(batches, in_process_section, distill, **feed_args(tiny_teacher_dir)) as feed:
+    with closing(InProcessTeacher(batches, in_process_section, distill, student(tiny_teacher_dir))) as feed:
         assert feed.depth == 0 and feed.info.backend == "hf" and feed.top_k == distill.top_k
         in_process = list(feed)
 
@@ -82,22 +88,24 @@ def test_in_process_feed_yields_the_served_feeds_tensors(teacher, dataset, tiny_
 
 def test_inprocess_teacher_is_refused_like_a_served_one(tiny_teacher_dir, tmp_path):
     distill = DistillSection(top_k=TOP_K)
-    args = feed_args(tiny_teacher_dir)
+    ok = student(tiny_teacher_dir)
     section = TeacherSection(in_process=str(tiny_teacher_dir))
     with pytest.raises(TeacherCompatError, match=r"teacher vocab_size \(logits width\) 512 != student"):
-        InProcessTeacherFeed([], section, distill, **(args | {"vocab_size": 600}))
+        InProcessTeacher([], section, distill, student(tiny_teacher_dir, vocab_size=600))
     with pytest.raises(TeacherCompatError, match="tokenizer hash"):
-        InProcessTeacherFeed([], section, distill, **(args | {"tokenizer_hash": "another"}))
+        InProcessTeacher([], section, distill, student(tiny_teacher_dir, tokenizer_hash="another"))
+    with pytest.raises(TeacherCompatError, match=r"data\.seq_len=600 exceeds the teacher's max_seq_len=512"):
+        InProcessTeacher([], section, distill, student(tiny_teacher_dir, seq_len=600))
     with pytest.raises(TeacherCompatError, match="exceeds the teacher's max_top_k=4"):
-        bad_k = TeacherSection(in_process=str(tiny_teacher_dir), in_process_args=["--max-top-k", "4"])
-        InProcessTeacherFeed([], bad_k, distill, **args)
-    with pytest.raises(ConfigError, match=r"teacher\.in_process_args: .*max_batch_tokens"):
+        bad_k = TeacherSection(in_process=InProcessTeacherSection(model=str(tiny_teacher_dir), max_top_k=4))
+        InProcessTeacher([], bad_k, distill, ok)
+    with pytest.raises(ValueError, match=r"max_batch_tokens=0 is out of range"):
         bad_flag = TeacherSection(
-            in_process=str(tiny_teacher_dir), in_process_args=["--max-batch-tokens", "0"]
+            in_process=InProcessTeacherSection(model=str(tiny_teacher_dir), max_batch_tokens=0)
         )
-        InProcessTeacherFeed([], bad_flag, distill, **args)
+        InProcessTeacher([], bad_flag, distill, ok)
     with pytest.raises(ConfigError, match=r"teacher\.in_process: could not load"):
-        InProcessTeacherFeed([], TeacherSection(in_process=str(tmp_path / "nope")), distill, **args)
+        InProcessTeacher([], TeacherSection(in_process=str(tmp_path / "nope")), distill, ok)
 
 
 def train(tmp_path, name: str, student_dir, teacher: dict) -> list[dict]:
@@ -123,7 +131,7 @@ def test_training_with_the_inprocess_teacher_gives_the_served_losses(
     served = train(tmp_path, "served", tiny_student_dir, {"targets": [teacher.address], "prefetch": 2})
     in_process = train(
         tmp_path, "in_process", tiny_student_dir,
-        {"in_process": str(tiny_teacher_dir), "in_process_args": ["--dtype", "float32"]},
+        {"in_process": {"model": str(tiny_teacher_dir), "dtype": "float32"}},
     )  # fmt: skip
     assert [r["step"] for r in in_process] == [r["step"] for r in served] == list(range(1, STEPS + 1))
     for s, e in zip(served, in_process, strict=True):

@@ -18,10 +18,10 @@ import pytest
 import yaml
 from transformers import AutoTokenizer
 
+from asymkd.contract import tokenizer_hash
 from student_trainer.config import DataSection
 from student_trainer.data import PackedDataset, load_packs
 from teacher_server.launch import LocalTeacher
-from teacher_server.models import tokenizer_hash
 
 STEPS, WORLD, MICRO = 30, 2, 2
 

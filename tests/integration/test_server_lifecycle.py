@@ -73,7 +73,7 @@ def spawned(tiny_teacher_dir, tmp_path_factory):
     port = free_port()
     log_path = tmp_path_factory.mktemp("lifecycle") / "teacher.log"
     args = ["--model", str(tiny_teacher_dir), "--backend", "hf", "--max-wait-ms", "1500"]
-    cmd = [sys.executable, "-m", "teacher_server.server", *args, "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [sys.executable, "-m", "asymkd.cli", "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     sp = Spawned(proc, f"127.0.0.1:{port}", log_path)

@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from asymkd.configs import load_config
+from asymkd.config import load_config
 from student_trainer.config import TrainConfig
 
 pytestmark = pytest.mark.slow

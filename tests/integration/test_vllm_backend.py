@@ -23,19 +23,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from asymkd.contract import Signal, tokenizer_hash
 from teacher_server.backends import vllm_logprobs
-from teacher_server.backends.base import (
-    GenerateParams,
-    ScoreItem,
-    ScoreParams,
-    Signal,
-    UnsupportedSignal,
-)
+from teacher_server.backends.base import GenerateParams, ScoreItem, ScoreParams, UnsupportedSignal
 from teacher_server.backends.hf import HFBackend
 from teacher_server.backends.vllm import VLLMBackend, omp_threads_bind
 from teacher_server.config import ServeConfig, VLLMOptions
 from teacher_server.launch import LocalTeacher
-from teacher_server.models import tokenizer_hash
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]  # skipped without vLLM (tests/conftest.py)
 
@@ -192,8 +186,10 @@ def test_info_matches_the_model(pool, gen, hf, sharp_dir):
         )
         assert i.tokenizer_hash == tokenizer_hash(sharp_dir) == hf.info.tokenizer_hash != ""
         assert i.eos_token_ids == hf.info.eos_token_ids and i.dtype == "float32"
-    assert set(pool.info.signals) == set(Signal) and pool.info.extra["generate"] is False
-    assert set(gen.info.signals) == {Signal.TOP_K, Signal.TARGET_ONLY} and gen.info.extra["generate"] is True
+    assert set(pool.info.signals) == set(Signal) and "no Generate" in pool.info.note
+    assert set(gen.info.signals) == {Signal.TOP_K, Signal.TARGET_ONLY} and gen.info.note.endswith(
+        "; Generate"
+    )
 
 
 def test_omp_threads_bind_splits_allowed_cores():

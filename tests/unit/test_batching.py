@@ -7,7 +7,8 @@ import grpc
 import pytest
 import torch
 
-from teacher_server.backends.base import ScoreItem, ScoreParams, SeqScores, Signal, TeacherBackend
+from asymkd.contract import SequenceScores, Signal
+from teacher_server.backends.base import ScoreItem, ScoreParams, TeacherBackend
 from teacher_server.batching import MicroBatcher
 from teacher_server.validation import RequestError
 
@@ -28,7 +29,7 @@ class RecordingBackend(TeacherBackend):
         await asyncio.sleep(self.delay_s)
         if params == self.fail_params:
             raise ValueError("engine rejected this batch")
-        return [SeqScores(target_logprob=it.targets.float()) for it in items]
+        return [SequenceScores(target_logprob=it.targets.float()) for it in items]
 
     def generate(self, prompts, params):
         raise NotImplementedError

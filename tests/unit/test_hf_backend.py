@@ -12,12 +12,12 @@ import time
 import pytest
 import torch
 
+from asymkd.contract import Signal, tokenizer_hash
 from teacher_server import scoring
-from teacher_server.backends.base import BackendError, GenerateParams, ScoreItem, ScoreParams, Signal
+from teacher_server.backends.base import BackendError, GenerateParams, ScoreItem, ScoreParams
 from teacher_server.backends.common import LogitExtras, eos_token_ids
 from teacher_server.backends.hf import HFBackend, length_buckets, nucleus_filter
 from teacher_server.config import ServeConfig
-from teacher_server.models import tokenizer_hash
 
 # (length, score_from): ragged, with a small token budget below so sub-batches are padded and split
 SHAPES = [(3, 0), (17, 5), (9, 7), (40, 0), (2, 0), (25, 12), (70, 30)]

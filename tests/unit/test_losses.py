@@ -8,15 +8,11 @@ import torch
 from student_trainer.losses import (
     LOSS_NAMES,
     ce_loss_sum,
-    chunked_distill_loss,
-    combine_loss_sums,
-    dense_kd_loss,
     distill_loss,
     divergence,
     forward_kl,
     generalized_jsd,
     reverse_kl,
-    sparse_kd_loss,
 )
 
 BETA, ALPHA = 0.3, 0.2
@@ -88,22 +84,28 @@ def reference_sum(student, t_full, ids, mask, loss, temperature=1.0, sparse=True
 def test_sparse_and_dense_equal_reference_when_k_equals_v(loss):
     student, t_full, ids, t_lp, tail, mask = make_case()
     ref = reference_sum(student, t_full, ids, mask, loss, sparse=False)
-    sparse = sparse_kd_loss(student, ids, t_lp, tail, mask, loss=loss, beta=BETA, alpha=ALPHA)
-    dense = dense_kd_loss(student, t_full, mask, loss=loss, beta=BETA, alpha=ALPHA)
-    assert sparse.loss_sum.item() == pytest.approx(ref, rel=1e-10, abs=1e-12)
-    assert dense.loss_sum.item() == pytest.approx(ref, rel=1e-10, abs=1e-12)
+    sparse = distill_loss(
+        student, t_lp, mask, teacher_ids=ids, teacher_tail=tail, loss=loss, beta=BETA, alpha=ALPHA
+    )
+    dense = distill_loss(student, t_full, mask, loss=loss, beta=BETA, alpha=ALPHA)
+    assert sparse.kd_sum.item() == pytest.approx(ref, rel=1e-10, abs=1e-12)
+    assert dense.kd_sum.item() == pytest.approx(ref, rel=1e-10, abs=1e-12)
     assert sparse.num_tokens == dense.num_tokens == 4
     rounded = torch.full_like(tail, math.log(1e-7))  # k = V: the bucket is empty whatever tail is reported
-    again = sparse_kd_loss(student, ids, t_lp, rounded, mask, loss=loss, beta=BETA, alpha=ALPHA)
-    assert again.loss_sum.item() == pytest.approx(ref, rel=1e-10, abs=1e-12)
+    again = distill_loss(
+        student, t_lp, mask, teacher_ids=ids, teacher_tail=rounded, loss=loss, beta=BETA, alpha=ALPHA
+    )
+    assert again.kd_sum.item() == pytest.approx(ref, rel=1e-10, abs=1e-12)
 
 
 @pytest.mark.parametrize("loss", LOSS_NAMES)
 def test_sparse_is_exact_divergence_over_topk_plus_tail_bucket(loss):
     student, t_full, ids, t_lp, tail, mask = make_case(k=3)
     ref = reference_sum(student, t_full, ids, mask, loss)
-    out = sparse_kd_loss(student, ids, t_lp, tail, mask, loss=loss, beta=BETA, alpha=ALPHA)
-    assert out.loss_sum.item() == pytest.approx(ref, rel=1e-10)
+    out = distill_loss(
+        student, t_lp, mask, teacher_ids=ids, teacher_tail=tail, loss=loss, beta=BETA, alpha=ALPHA
+    )
+    assert out.kd_sum.item() == pytest.approx(ref, rel=1e-10)
 
 
 def test_tail_aware_loss_is_not_renormalized_topk():
@@ -115,9 +117,9 @@ def test_tail_aware_loss_is_not_renormalized_topk():
         q_all = softmax_row(student[r].tolist())
         q = [q_all[i] for i in ids[r]]
         renorm += ref_kl([x / sum(p) for x in p], [y / sum(q) for y in q])
-    out = sparse_kd_loss(student, ids, t_lp, tail, mask)
-    assert out.loss_sum.item() == pytest.approx(reference_sum(student, t_full, ids, mask, "forward_kl"))
-    assert abs(out.loss_sum.item() - renorm) > 0.1 * renorm
+    out = distill_loss(student, t_lp, mask, teacher_ids=ids, teacher_tail=tail)
+    assert out.kd_sum.item() == pytest.approx(reference_sum(student, t_full, ids, mask, "forward_kl"))
+    assert abs(out.kd_sum.item() - renorm) > 0.1 * renorm
 
 
 def test_jsd_endpoints_are_forward_and_reverse_kl():
@@ -133,27 +135,34 @@ def test_temperature_divides_student_logits_and_scales_by_t_squared():
     temperature = 2.0
     student, t_full, ids, t_lp, tail, mask = make_case(k=4, temperature=temperature)
     ref = reference_sum(student, t_full, ids, mask, "forward_kl", temperature=temperature)
-    scaled = sparse_kd_loss(student, ids, t_lp, tail, mask, temperature=temperature)
-    plain = sparse_kd_loss(student, ids, t_lp, tail, mask, temperature=temperature, scale_t2=False)
-    assert plain.loss_sum.item() == pytest.approx(ref, rel=1e-10)
-    assert scaled.loss_sum.item() == pytest.approx(temperature**2 * ref, rel=1e-10)
+    scaled = distill_loss(student, t_lp, mask, teacher_ids=ids, teacher_tail=tail, temperature=temperature)
+    plain = distill_loss(
+        student, t_lp, mask, teacher_ids=ids, teacher_tail=tail, temperature=temperature, scale_t2=False
+    )
+    assert plain.kd_sum.item() == pytest.approx(ref, rel=1e-10)
+    assert scaled.kd_sum.item() == pytest.approx(temperature**2 * ref, rel=1e-10)
 
 
-def test_ce_mix_weights_and_normalizer():
-    temperature = 2.0
-    student, _, ids, t_lp, tail, mask = make_case(k=4, temperature=temperature)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("sparse", [True, False])
+def test_one_call_returns_exact_kd_sum_and_exact_ce_sum(temperature, sparse):
+    student, t_full, ids, t_lp, tail, mask = make_case(k=4, temperature=temperature)
     targets = torch.tensor([1, 2, 3, 4, 5, 6])
+    ref_kd = temperature**2 * reference_sum(student, t_full, ids, mask, "jsd", temperature, sparse=sparse)
     ref_ce = sum(-math.log(softmax_row(student[r].tolist())[targets[r]]) for r in range(6) if mask[r])
-    sparse = {"teacher_ids": ids, "teacher_tail": tail, "temperature": temperature}
-    out = distill_loss(student, t_lp, mask, targets=targets, ce_weight=0.25, **sparse)
-    kd = sparse_kd_loss(student, ids, t_lp, tail, mask, temperature=temperature).loss_sum
-    assert out.ce_sum.item() == pytest.approx(ref_ce, rel=1e-10)  # CE ignores the temperature
+    teacher = {"teacher_ids": ids, "teacher_tail": tail} if sparse else {}
+    t_arg = t_lp if sparse else t_full
+    out = distill_loss(
+        student, t_arg, mask, targets=targets, loss="jsd", beta=BETA, temperature=temperature, **teacher
+    )
+    assert out.kd_sum.item() == pytest.approx(ref_kd, rel=1e-10)  # KD alone: no CE mixed in
+    assert out.ce_sum.item() == pytest.approx(ref_ce, rel=1e-10)  # CE at T = 1 whatever the temperature
     assert ce_loss_sum(student, targets, mask).item() == pytest.approx(ref_ce, rel=1e-10)
-    assert out.kd_sum.item() == pytest.approx(kd.item(), rel=1e-12)
-    assert out.loss_sum.item() == pytest.approx(0.75 * kd.item() + 0.25 * ref_ce, rel=1e-10)
-    mixed = combine_loss_sums(out.kd_sum, out.ce_sum, ce_weight=0.25, normalizer=torch.tensor(8.0))
-    assert mixed.item() == pytest.approx(out.loss_sum.item() / 8, rel=1e-10)
-    assert combine_loss_sums(out.kd_sum * 0, out.ce_sum * 0, ce_weight=0.5, normalizer=0).item() == 0.0
+    (g_kd,) = torch.autograd.grad(out.kd_sum, student, retain_graph=True)
+    (g_ce,) = torch.autograd.grad(out.ce_sum, student)
+    (g_ref,) = torch.autograd.grad(ce_loss_sum(student, targets, mask), student)
+    torch.testing.assert_close(g_ce, g_ref, rtol=1e-10, atol=1e-12)  # each sum carries its own gradient
+    assert torch.any(g_kd != 0) and not torch.allclose(g_kd, g_ce)
 
 
 def test_diagnostics_on_hand_computed_example():
@@ -161,13 +170,13 @@ def test_diagnostics_on_hand_computed_example():
     ids = torch.tensor([[0, 1], [3, 2]])
     t_lp = torch.tensor([[0.5, 0.3], [0.6, 0.2]]).log()
     tail = torch.tensor([0.2, 0.2]).log()
-    out = sparse_kd_loss(student, ids, t_lp, tail, torch.tensor([True, True]))
+    out = distill_loss(student, t_lp, torch.tensor([True, True]), teacher_ids=ids, teacher_tail=tail)
     assert out.teacher_mass_in_support.item() == pytest.approx(0.8)
     assert out.student_mass_in_teacher_topk.item() == pytest.approx((0.3 + 0.5) / 2)
     # forward KL over 3 classes by hand, row 0: p = (.5, .3, .2), q = (.1, .2, .7)
     row0 = 0.5 * math.log(5) + 0.3 * math.log(1.5) + 0.2 * math.log(0.2 / 0.7)
     row1 = 0.6 * math.log(2.4) + 0.2 * math.log(0.8) + 0.2 * math.log(0.4)
-    assert out.loss_sum.item() == pytest.approx(row0 + row1, rel=1e-5)
+    assert out.kd_sum.item() == pytest.approx(row0 + row1, rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------ padded vocabulary
@@ -175,14 +184,16 @@ def test_diagnostics_on_hand_computed_example():
 def test_padded_student_vocab(loss):
     student, t_full, ids, t_lp, tail, mask = make_case(v=9, v_t=7, k=3)
     ref = reference_sum(student, t_full, ids, mask, loss)  # extra student columns land in the tail bucket
-    out = sparse_kd_loss(student, ids, t_lp, tail, mask, loss=loss, beta=BETA, alpha=ALPHA)
-    assert out.loss_sum.item() == pytest.approx(ref, rel=1e-10)
-    dense = dense_kd_loss(student, t_full, mask, loss=loss, beta=BETA, alpha=ALPHA)
+    out = distill_loss(
+        student, t_lp, mask, teacher_ids=ids, teacher_tail=tail, loss=loss, beta=BETA, alpha=ALPHA
+    )
+    assert out.kd_sum.item() == pytest.approx(ref, rel=1e-10)
+    dense = distill_loss(student, t_full, mask, loss=loss, beta=BETA, alpha=ALPHA)
     if loss == "reverse_kl":  # the student has mass where the teacher has none: truly infinite
-        assert dense.loss_sum.item() == math.inf
+        assert dense.kd_sum.item() == math.inf
     else:
         ref = reference_sum(student, t_full, ids, mask, loss, sparse=False)
-        assert dense.loss_sum.item() == pytest.approx(ref, rel=1e-10)
+        assert dense.kd_sum.item() == pytest.approx(ref, rel=1e-10)
     masses = [sum(softmax_row(student[r].tolist())[:7]) for r in range(6) if mask[r]]
     assert dense.student_mass_in_teacher_topk.item() == pytest.approx(sum(masses) / 4)
     assert dense.teacher_mass_in_support.item() == pytest.approx(1.0)
@@ -190,16 +201,20 @@ def test_padded_student_vocab(loss):
 
 # ------------------------------------------------------------------------------------- gradients / edges
 def finite_grads(out, student) -> bool:
-    (grad,) = torch.autograd.grad(out.loss_sum, student)
-    return bool(torch.isfinite(out.loss_sum) and torch.isfinite(grad).all())
+    (grad,) = torch.autograd.grad(out.kd_sum, student)
+    return bool(torch.isfinite(out.kd_sum) and torch.isfinite(grad).all())
 
 
 @pytest.mark.parametrize("loss", LOSS_NAMES)
 def test_finite_gradients_with_k_equal_v_and_ragged_mask(loss):
     student, _, ids, t_lp, tail, mask = make_case()
-    out = sparse_kd_loss(student, ids, t_lp, tail, mask, loss=loss, beta=BETA, alpha=ALPHA)
+    out = distill_loss(
+        student, t_lp, mask, teacher_ids=ids, teacher_tail=tail, loss=loss, beta=BETA, alpha=ALPHA
+    )
     assert finite_grads(out, student)
-    (grad,) = torch.autograd.grad(sparse_kd_loss(student, ids, t_lp, tail, mask, loss=loss).loss_sum, student)
+    (grad,) = torch.autograd.grad(
+        distill_loss(student, t_lp, mask, teacher_ids=ids, teacher_tail=tail, loss=loss).kd_sum, student
+    )
     assert torch.all(grad[~mask] == 0) and torch.any(grad[mask] != 0)
 
 
@@ -213,11 +228,13 @@ def test_finite_gradients_with_zero_probability_teacher_classes(loss, sparse):
     t_lp, ids = t_full.topk(7, -1)  # the last top-k entry is -inf
     tail = torch.logsumexp(t_full.scatter(-1, ids, float("-inf")), -1)  # -inf: no mass outside
     if sparse:
-        out = sparse_kd_loss(student, ids, t_lp, tail, mask, loss=loss, beta=BETA, alpha=ALPHA)
+        out = distill_loss(
+            student, t_lp, mask, teacher_ids=ids, teacher_tail=tail, loss=loss, beta=BETA, alpha=ALPHA
+        )
     else:
-        out = dense_kd_loss(student, t_full, mask, loss=loss, beta=BETA, alpha=ALPHA)
+        out = distill_loss(student, t_full, mask, loss=loss, beta=BETA, alpha=ALPHA)
     assert finite_grads(out, student)
-    assert out.loss_sum.item() == pytest.approx(
+    assert out.kd_sum.item() == pytest.approx(
         reference_sum(student, t_full, ids, mask, loss, sparse=sparse), rel=1e-10
     )
 
@@ -252,58 +269,62 @@ def test_divergences_give_finite_gradients_to_both_sides(loss, zero_side):
 
 
 @pytest.mark.parametrize("chunk_rows", [None, 2])
-def test_all_masked_batch_gives_zero_and_backward_works(chunk_rows):
-    student, _, ids, t_lp, tail, _ = make_case(k=3)
+@pytest.mark.parametrize("sparse", [True, False])
+def test_all_masked_batch_gives_zero_and_backward_works(chunk_rows, sparse):
+    student, t_full, ids, t_lp, tail, _ = make_case(k=3)
     mask = torch.zeros(6, dtype=torch.bool)
-    out = sparse_kd_loss(student, ids, t_lp, tail, mask, loss="jsd", chunk_rows=chunk_rows)
-    (grad,) = torch.autograd.grad(out.loss_sum, student)
-    assert out.loss_sum.item() == 0.0 and out.num_tokens == 0 and torch.all(grad == 0)
-    assert out.teacher_mass_in_support.item() == 0.0
+    targets = torch.tensor([1, 2, 3, 4, 5, 6])
+    teacher = {"teacher_ids": ids, "teacher_tail": tail} if sparse else {}
+    t_arg = t_lp if sparse else t_full
+    out = distill_loss(student, t_arg, mask, targets=targets, loss="jsd", chunk_rows=chunk_rows, **teacher)
+    (grad,) = torch.autograd.grad(out.kd_sum + out.ce_sum, student)
+    assert out.kd_sum.item() == 0.0 and out.ce_sum.item() == 0.0 and out.num_tokens == 0
+    assert torch.all(grad == 0) and out.teacher_mass_in_support.item() == 0.0
 
 
 def test_bf16_logits_are_upcast():
     student, t_full, ids, t_lp, tail, mask = make_case(k=3)
-    out = sparse_kd_loss(student.detach().bfloat16().requires_grad_(), ids, t_lp.float(), tail.float(), mask)
-    assert out.loss_sum.dtype == torch.float32
+    low = student.detach().bfloat16().requires_grad_()
+    out = distill_loss(low, t_lp.float(), mask, teacher_ids=ids, teacher_tail=tail.float())
+    assert out.kd_sum.dtype == torch.float32
     ref = reference_sum(student.detach().bfloat16().double(), t_full, ids, mask, "forward_kl")
-    assert out.loss_sum.item() == pytest.approx(ref, rel=1e-4)
+    assert out.kd_sum.item() == pytest.approx(ref, rel=1e-4)
 
 
 # --------------------------------------------------------------------------------------------- chunking
 @pytest.mark.parametrize("sparse", [True, False])
-def test_chunked_equals_unchunked(sparse):
+def test_chunk_rows_give_the_same_sums_and_gradients(sparse):
     g = torch.Generator().manual_seed(1)
-    hidden = torch.randn(2, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(11, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(2, 3, 11, generator=g, dtype=torch.float64, requires_grad=True)
     t_full = torch.log_softmax(torch.randn(2, 3, 10, generator=g, dtype=torch.float64), -1)  # V_t < V_s
     t_lp, ids = t_full.topk(4, -1)
     tail = torch.logsumexp(t_full.scatter(-1, ids, float("-inf")), -1)
     teacher = {"teacher_ids": ids, "teacher_tail": tail} if sparse else {}
     mask = torch.tensor([[False, True, True], [True, False, True]])
     targets = torch.randint(0, 10, (2, 3), generator=g)
-    kw = dict(targets=targets, ce_weight=0.3, loss="jsd", temperature=1.5, **teacher)
+    kw = dict(targets=targets, loss="jsd", temperature=1.5, **teacher)
     t_arg = t_lp if sparse else t_full
 
-    whole = distill_loss(hidden @ weight.T, t_arg, mask, **kw)
-    grads_whole = torch.autograd.grad(whole.loss_sum, (hidden, weight))
-    rows = distill_loss(hidden @ weight.T, t_arg, mask, chunk_rows=3, **kw)
-    chunked = chunked_distill_loss(hidden, lambda h: h @ weight.T, t_arg, mask, chunk_rows=3, **kw)
-    grads_chunked = torch.autograd.grad(chunked.loss_sum, (hidden, weight))
-    for out in (rows, chunked):
-        assert out.loss_sum.item() == pytest.approx(whole.loss_sum.item(), rel=1e-12)
-        assert out.student_mass_in_teacher_topk.item() == pytest.approx(
-            whole.student_mass_in_teacher_topk.item(), rel=1e-12
-        )
-    for a, b in zip(grads_whole, grads_chunked, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    whole = distill_loss(logits, t_arg, mask, **kw)
+    chunked = distill_loss(logits, t_arg, mask, chunk_rows=3, **kw)
+    (grad_whole,) = torch.autograd.grad(whole.kd_sum + 0.3 * whole.ce_sum, logits)
+    (grad_chunked,) = torch.autograd.grad(chunked.kd_sum + 0.3 * chunked.ce_sum, logits)
+    for name in ("kd_sum", "ce_sum", "teacher_mass_in_support", "student_mass_in_teacher_topk"):
+        assert getattr(chunked, name).item() == pytest.approx(getattr(whole, name).item(), rel=1e-12)
+    assert whole.kd_sum.item() > 0 and whole.ce_sum.item() > 0 and chunked.num_tokens == whole.num_tokens == 4
+    torch.testing.assert_close(grad_chunked, grad_whole, rtol=1e-12, atol=1e-12)
+    assert torch.all(grad_whole[~mask] == 0) and torch.any(grad_whole[mask] != 0)
 
 
-def test_sparse_path_never_sees_masked_rows():
-    student, _, ids, t_lp, tail, mask = make_case(k=3)
+@pytest.mark.parametrize("sparse", [True, False])
+def test_masked_rows_never_reach_the_loss(sparse):
+    student, t_full, ids, t_lp, tail, mask = make_case(k=3)
     student = student.detach().clone()
     student[~mask] = float("nan")  # garbage in prompt/padding rows must not leak into the loss
-    out = sparse_kd_loss(student, ids, t_lp, tail, mask, chunk_rows=1)
-    assert torch.isfinite(out.loss_sum)
+    targets = torch.tensor([1, 2, 3, 4, 5, 6])
+    teacher = {"teacher_ids": ids, "teacher_tail": tail} if sparse else {}
+    out = distill_loss(student, t_lp if sparse else t_full, mask, targets=targets, chunk_rows=1, **teacher)
+    assert torch.isfinite(out.kd_sum) and torch.isfinite(out.ce_sum)
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -319,16 +340,14 @@ def test_sparse_path_never_sees_masked_rows():
 def test_bad_options_are_rejected(kwargs, message):
     student, _, ids, t_lp, tail, mask = make_case(k=3)
     with pytest.raises(ValueError, match=message):
-        sparse_kd_loss(student, ids, t_lp, tail, mask, **kwargs)
+        distill_loss(student, t_lp, mask, teacher_ids=ids, teacher_tail=tail, **kwargs)
 
 
 def test_bad_shapes_are_rejected():
     student, t_full, ids, t_lp, _, mask = make_case(v=5, v_t=7)
     with pytest.raises(ValueError, match="teacher vocab size=7 exceeds student vocab 5"):
-        dense_kd_loss(student, t_full, mask)
+        distill_loss(student, t_full, mask)
     with pytest.raises(ValueError, match="rows"):
-        dense_kd_loss(student, t_full[:4], mask)
+        distill_loss(student, t_full[:4], mask)
     with pytest.raises(ValueError, match="come together"):
         distill_loss(student, t_lp, mask, teacher_ids=ids)
-    with pytest.raises(ValueError, match="needs targets"):
-        distill_loss(student, t_full[:, :5], mask, ce_weight=0.5)

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
+from asymkd.contract import Signal
 from teacher_server import scoring
-from teacher_server.backends.base import ScoreItem, ScoreParams, Signal
+from teacher_server.backends.base import ScoreItem, ScoreParams
 
 
 def _logits(rows: int = 6, vocab: int = 50, seed: int = 0, scale: float = 3.0) -> torch.Tensor:

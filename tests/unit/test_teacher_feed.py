@@ -1,4 +1,5 @@
-"""The teacher feed's own logic: ordering, exactly-once under failures, backpressure, row layout, handshake.
+"""The live teacher feed's own logic (exactly-once under failures, ordering, backpressure) and what every teacher
+source shares (row layout, handshake).
 
 The teacher here is a stand-in async client (no network, no processes): it completes requests in random
 order, answers with values computed from the tokens (so a result can be checked against its batch), and fails
@@ -18,17 +19,20 @@ import grpc
 import pytest
 import torch
 
+from asymkd.contract import SequenceScores, Signal, TeacherInfo
 from student_trainer.config import DistillSection, TeacherSection
-from student_trainer.teacher_feed import (
+from student_trainer.sources.base import StudentSide
+from student_trainer.sources.common import (
     TeacherCompatError,
-    TeacherFeed,
     check_teacher_compat,
     fit_teacher_vocab,
+    negotiate,
     scatter_scores,
     score_from_rows,
 )
-from teacher_server.backends.base import Signal
-from teacher_server.client import InvalidRequestError, SequenceScores, TeacherInfo, make_error
+from student_trainer.sources.live import TeacherFeed
+from teacher_server.client import InvalidRequestError
+from teacher_server.client_policy import make_error
 
 V, T, B, K = 50, 12, 3, 4
 
@@ -67,9 +71,11 @@ class StandInTeacher:
         self.scored: Counter = Counter()  # batch id (first token) -> times scored
         self.answered: list[int] = []  # batch ids in the order their answers completed
         self.calls = self.info_calls = self.clients = 0
+        self.client_options: dict = {}
 
     def client(self, targets, **options):
         self.clients += 1
+        self.client_options = options
         return StandInClient(self)
 
 
@@ -89,13 +95,11 @@ class StandInClient:
             raise self._fail("GetInfo")
         return self.t.info
 
-    async def score_stream(self, queries, *, max_in_flight, ordered):
-        assert ordered
+    async def score_stream(self, queries, *, max_in_flight, ordered=True):
+        assert ordered and not self.closed
         call, self.t.calls = self.t.calls, self.t.calls + 1
         for query in queries:
             await asyncio.sleep(random.uniform(0, 0.01))  # calls complete out of order
-            if self.closed:  # like a grpc.aio channel closed under a call: not a TeacherError
-                raise RuntimeError("stand-in channel closed")
             self.t.scored[int(query.seqs[0][0])] += 1
             if call in self.t.fail_calls:  # the teacher did the work, the answer is lost
                 raise self._fail("ScoreStream")
@@ -129,8 +133,7 @@ def run_feed(teacher: StandInTeacher, n: int, prefetch: int = 3, retry_deadline_
         make_batches(n),
         TeacherSection(targets=["127.0.0.1:1"], prefetch=prefetch, retry_deadline_s=retry_deadline_s),
         DistillSection(top_k=K),
-        vocab_size=V,
-        tokenizer_hash="tok",
+        StudentSide(vocab_size=V, tokenizer_hash="tok"),
         client_factory=teacher.client,
         backoff_base_s=0.01,
     )
@@ -171,11 +174,11 @@ def test_retryable_failures_resend_whole_batches_never_skip_or_double(code):
     # calls 2-6 lose their answers, and the teacher is still down at the next two handshakes
     teacher = StandInTeacher(fail_calls={2, 3, 4, 5, 6, 15}, fail_info={1, 2}, error=code)
     fed = run_feed(teacher, 25, retry_deadline_s=30)
-    check_results(fed, 25)  # every batch once, in order, with its own answer (calls cut by a client
-    # replaced under them are sent again as well)
+    check_results(fed, 25)  # every batch once, in order, with its own answer
     assert len(teacher.scored) == 25
     assert sum(teacher.scored.values()) == 25 + 6  # the six lost answers were computed again, nothing else
-    assert teacher.clients >= 3  # fresh clients after the failures
+    assert teacher.clients == 1  # one client (gRPC reconnects); the handshake is repeated after outages:
+    assert teacher.info_calls >= 4  # the start, two failed handshakes, then the one that passed
 
 
 def test_other_errors_raise_in_the_training_thread_with_status():
@@ -205,8 +208,7 @@ def test_backpressure_reads_at_most_prefetch_batches_ahead():
         make_batches(50, read),
         TeacherSection(targets=["127.0.0.1:1"], prefetch=3),
         DistillSection(top_k=K),
-        vocab_size=V,
-        tokenizer_hash="tok",
+        StudentSide(vocab_size=V, tokenizer_hash="tok"),
         client_factory=teacher.client,
     )
     try:
@@ -315,3 +317,64 @@ def test_handshake_error_raises_at_start():
     teacher = StandInTeacher(info=make_info(tokenizer_hash="other"))
     with pytest.raises(TeacherCompatError, match="tokenizer"):
         run_feed(teacher, 2)
+
+
+def test_the_feed_gives_its_client_the_configured_deadline_and_retries():
+    teacher = StandInTeacher()
+    feed = TeacherFeed(
+        make_batches(1),
+        TeacherSection(targets=["127.0.0.1:1", "127.0.0.1:2"], timeout_s=7.0, max_retries=2),
+        DistillSection(top_k=K),
+        StudentSide(vocab_size=V, tokenizer_hash="tok"),
+        client_factory=teacher.client,
+    )
+    try:
+        assert len(list(feed)) == 1
+    finally:
+        feed.close()
+    assert teacher.client_options == {"timeout_s": 7.0, "max_retries": 2}
+
+
+def test_handshake_refuses_rows_longer_than_the_teacher_takes():
+    student = StudentSide(vocab_size=V, tokenizer_hash="tok", seq_len=65)
+    with pytest.raises(TeacherCompatError, match=r"data\.seq_len=65 exceeds the teacher.s max_seq_len=64"):
+        negotiate(make_info(), DistillSection(top_k=K), TeacherSection(), student)
+
+
+def test_handshake_refuses_a_signal_or_top_k_the_teacher_does_not_offer():
+    student = StudentSide(vocab_size=V, tokenizer_hash="tok", seq_len=16)
+    with pytest.raises(TeacherCompatError, match="does not offer signal FULL"):
+        negotiate(
+            make_info(signals=(Signal.TOP_K,)), DistillSection(signal="full"), TeacherSection(), student
+        )
+    with pytest.raises(TeacherCompatError, match="top_k=32 exceeds the teacher's max_top_k=16"):
+        negotiate(make_info(), DistillSection(top_k=32), TeacherSection(), student)
+
+
+def test_handshake_asks_a_wider_teacher_for_room_to_fold_its_padded_ids():
+    info = make_info(vocab_size=V + 3, tokenizer_vocab_size=V)
+    student = StudentSide(vocab_size=V, tokenizer_hash="tok", seq_len=16)
+    padded = TeacherSection(allow_padded_vocab=True)
+    assert negotiate(info, DistillSection(top_k=K), padded, student) == K + 3
+    assert (
+        negotiate(
+            make_info(max_top_k=K + 1, vocab_size=V + 3, tokenizer_vocab_size=V),
+            DistillSection(top_k=K),
+            padded,
+            student,
+        )
+        == K + 1
+    )  # fmt: skip  (capped)
+
+
+def test_the_source_factory_picks_the_configured_source():
+    from student_trainer.sources import build_teacher_source
+    from student_trainer.sources.base import NoTeacher
+
+    student = StudentSide(vocab_size=V, tokenizer_hash="tok")
+    source = build_teacher_source(TeacherSection(), DistillSection(), make_batches(2), student)
+    assert isinstance(source, NoTeacher) and source.depth == 0
+    got = list(source)
+    assert [mb.index for mb in got] == [0, 1] and all(mb.teacher is None for mb in got)
+    with pytest.raises(ValueError, match=r"teacher\.cache: .* is not a teacher cache"):  # the cache reader
+        build_teacher_source(TeacherSection(cache="/nonexistent"), DistillSection(), make_batches(1), student)

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from student_trainer.config import DistillSection
 from student_trainer.observability import format_duration, format_step_line
 from student_trainer.parallel import clip_grad_norm
-from student_trainer.teacher_feed import TeacherBatch
-from student_trainer.trainer import MicroBatch, accumulate_gradients, loss_sums, lr_multiplier
+from student_trainer.sources.base import MicroBatch, TeacherBatch
+from student_trainer.trainer import accumulate_gradients, loss_sums, lr_multiplier
 
 
 def test_lr_schedule_warmup_cosine_constant():

@@ -1,13 +1,15 @@
 """Request validation: every bad input of the contract gets the right status code and names its field."""
 
+import dataclasses
 import math
 
 import grpc
 import pytest
 import torch
 
+from asymkd.contract import Signal, TeacherInfo
 from asymkd.v1 import teacher_pb2 as pb
-from teacher_server.backends.base import BackendInfo, Signal
+from asymkd.wire import tensor_to_proto
 from teacher_server.validation import (
     Limits,
     RequestError,
@@ -16,7 +18,6 @@ from teacher_server.validation import (
     parse_generate_request,
     parse_score_request,
 )
-from teacher_server.wire import to_proto
 
 LIMITS = Limits(
     vocab_size=100,
@@ -116,7 +117,7 @@ def test_known_signal_the_backend_lacks_is_unimplemented():
 
 
 def test_unimplemented_signal_carries_the_backend_hint():
-    info = BackendInfo(
+    info = TeacherInfo(
         model="m",
         backend="vllm",
         vocab_size=100,
@@ -126,22 +127,22 @@ def test_unimplemented_signal_carries_the_backend_hint():
         tokenizer_hash="",
         dtype="float32",
         signals=(Signal.TOP_K, Signal.TARGET_ONLY),
-        extra={"note": "start with --vllm.runner pooling"},
+        note="start with --vllm.runner pooling",
     )
     req = score_req(seq([1, 2]), signal=pb.FULL)
     base = "signal: FULL is not implemented by this teacher (TOP_K, TARGET_ONLY)"
-    for extra, details in (
-        (info.extra, f"{base}; start with --vllm.runner pooling"),
-        ({}, base),  # no hint: nothing appended
+    for note, details in (
+        (info.note, f"{base}; start with --vllm.runner pooling"),
+        ("", base),  # no hint: nothing appended
     ):
-        info.extra = extra
         with pytest.raises(RequestError) as e:
-            parse_score_request(req, Limits.from_info(info, max_request_tokens=64))
+            limits = Limits.from_info(dataclasses.replace(info, note=note), max_request_tokens=64)
+            parse_score_request(req, limits)
         assert e.value.code == grpc.StatusCode.UNIMPLEMENTED and str(e.value) == details
 
 
 def at_ids_tensor(rows, m, dtype=torch.int32, hi=100):
-    return to_proto(torch.randint(0, hi, (rows, m), dtype=dtype))
+    return tensor_to_proto(torch.randint(0, hi, (rows, m), dtype=dtype))
 
 
 def test_at_ids_accepted_with_the_right_shape():
@@ -159,10 +160,10 @@ def test_at_ids_accepted_with_the_right_shape():
         (at_ids_tensor(3, 2), "sequences[0].at_ids.shape: [3, 2] is not [R=2, m]"),
         (at_ids_tensor(2, 9), "sequences[0].at_ids.shape: [2, 9]"),
         (
-            to_proto(torch.full((2, 2), 100, dtype=torch.int32)),
+            tensor_to_proto(torch.full((2, 2), 100, dtype=torch.int32)),
             "sequences[0].at_ids[0]: id 100 >= vocab_size",
         ),
-        (to_proto(torch.zeros(2, 2)), "sequences[0].at_ids.dtype"),
+        (tensor_to_proto(torch.zeros(2, 2)), "sequences[0].at_ids.dtype"),
         (pb.Tensor(dtype=pb.INT32, shape=[2, 2], data=b"\0" * 3), "sequences[0].at_ids.data"),
     ],
 )
@@ -247,15 +248,17 @@ def test_exceptions_map_to_status_codes(caplog):
 
 
 def test_split_results_cuts_big_results_by_rows_and_packs_small_ones():
-    from teacher_server.backends.base import SeqScores
+    from asymkd.contract import SequenceScores
+    from asymkd.wire import tensor_from_proto
     from teacher_server.servicer import split_results
-    from teacher_server.wire import from_proto
 
-    big = SeqScores(full=torch.randn(10, 100), target_logprob=torch.randn(10))  # 404 bytes per row
-    small = [SeqScores(target_logprob=torch.randn(3)) for _ in range(2)]
+    big = SequenceScores(full=torch.randn(10, 100), target_logprob=torch.randn(10))  # 404 bytes per row
+    small = [SequenceScores(target_logprob=torch.randn(3)) for _ in range(2)]
     groups = list(split_results([small[0], big, small[1]], chunk_bytes=1300))
     pieces = [p for g in groups for p in g]
-    assert all(sum(from_proto(p.full).numel() * 4 for p in g if p.HasField("full")) <= 1300 for g in groups)
+    assert all(
+        sum(tensor_from_proto(p.full).numel() * 4 for p in g if p.HasField("full")) <= 1300 for g in groups
+    )
     assert [(p.sequence_index, p.first_row) for p in pieces] == [
         (0, 0),
         (1, 0),
@@ -264,7 +267,7 @@ def test_split_results_cuts_big_results_by_rows_and_packs_small_ones():
         (1, 9),
         (2, 0),
     ]
-    rows = torch.cat([from_proto(p.full) for p in pieces if p.sequence_index == 1])
+    rows = torch.cat([tensor_from_proto(p.full) for p in pieces if p.sequence_index == 1])
     assert torch.equal(rows, big.full)
     one_row_pieces = list(split_results([big], chunk_bytes=10))  # a row never splits: one row per piece
     assert len(one_row_pieces) == 10

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from asymkd.v1 import teacher_pb2 as pb
-from teacher_server.wire import WireError, from_proto, to_proto
+from asymkd.wire import WireError, tensor_from_proto, tensor_to_proto
 
 
 @pytest.mark.parametrize(
@@ -12,34 +12,34 @@ from teacher_server.wire import WireError, from_proto, to_proto
 )
 def test_round_trip_preserves_dtype_shape_values(dtype):
     x = (torch.randn(3, 5, 2) * 50).to(dtype)
-    y = from_proto(to_proto(x))
+    y = tensor_from_proto(tensor_to_proto(x))
     assert y.dtype == dtype and y.shape == x.shape
     assert torch.equal(y, x)
 
 
 def test_round_trip_non_contiguous_and_special_values():
     x = torch.tensor([[float("-inf"), 0.0, float("nan")], [1.5, -2.0, float("inf")]]).t()
-    y = from_proto(to_proto(x))
+    y = tensor_from_proto(tensor_to_proto(x))
     assert torch.equal(torch.isnan(y), torch.isnan(x))
     assert torch.equal(y.nan_to_num(0.0), x.nan_to_num(0.0))
 
 
 def test_empty_tensor_round_trips():
-    y = from_proto(to_proto(torch.empty(0, 4, dtype=torch.int32)))
+    y = tensor_from_proto(tensor_to_proto(torch.empty(0, 4, dtype=torch.int32)))
     assert y.shape == (0, 4) and y.dtype == torch.int32
 
 
 def test_data_is_little_endian_c_order():
-    t = to_proto(torch.tensor([[1, 2], [3, 4]], dtype=torch.int32))
+    t = tensor_to_proto(torch.tensor([[1, 2], [3, 4]], dtype=torch.int32))
     assert t.data[:8] == (1).to_bytes(4, "little") + (2).to_bytes(4, "little")
 
 
 def test_size_mismatch_names_field():
     t = pb.Tensor(dtype=pb.FLOAT32, shape=[2, 3], data=b"\0" * 20)
     with pytest.raises(WireError, match=r"at_ids\.data"):
-        from_proto(t, field="at_ids")
+        tensor_from_proto(t, field="at_ids")
 
 
 def test_unknown_dtype_rejected():
     with pytest.raises(WireError, match=r"\.dtype"):
-        from_proto(pb.Tensor(dtype=0, shape=[1], data=b"\0" * 4))
+        tensor_from_proto(pb.Tensor(dtype=0, shape=[1], data=b"\0" * 4))

@@ -26,7 +26,6 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -34,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from asymkd.configs import ConfigError, describe_fields, dump_config, load_config
+from asymkd.config import dump_config
 from student_trainer.config import TrainConfig
 from teacher_server.config import ServeConfig
 
@@ -44,37 +43,32 @@ TEACHER_TOKENIZER = "teacher"  # train.model.tokenizer / path value: use the tea
 
 @dataclass
 class RunConfig:
+    """Embedded default: a local teacher server + the student on one machine, then a comparison table."""
+
+    train: TrainConfig
+    """`asymkd train` keys; teacher.targets is filled with the local teacher's address"""
     serve: ServeConfig = field(default_factory=ServeConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    nproc_per_node: int = 1  # student ranks; > 1 runs the student under torchrun --standalone
-    compare_ce_only: bool = False  # also train the CE-only baseline (same steps, data, seed)
-    teacher_reference: bool = True  # report the teacher's own held-out CE (same rows as the student's eval)
-    teacher_threads: int = 0  # OMP threads of the teacher process; 0 = the library default
-    student_threads: int = 0  # torch threads per student rank; 0 = the library default
+    """`asymkd serve` keys of the local teacher (host/port are chosen by the run)"""
+    nproc_per_node: int = 1
+    """student ranks; > 1 runs the student under torchrun --standalone"""
+    compare_ce_only: bool = False
+    """also train the CE-only baseline (same steps, data, seed)"""
+    teacher_reference: bool = True
+    """report the teacher's own held-out CE (same rows as the student's eval)"""
+    teacher_threads: int = 0
+    """OMP threads of the teacher process; 0 = the library default"""
+    student_threads: int = 0
+    """torch threads per student rank; 0 = the library default"""
     teacher_start_timeout_s: float = 600.0
+    """how long the teacher may take to load and say SERVING"""
 
     def __post_init__(self) -> None:
         if self.nproc_per_node < 1:
             raise ValueError(f"nproc_per_node={self.nproc_per_node} must be >= 1")
         if self.teacher_threads < 0 or self.student_threads < 0:
-            raise ValueError("teacher_threads / student_threads must be >= 0")
-
-
-def parse_run_args(argv: list[str]) -> RunConfig:
-    config_path, rest, i = None, [], 0
-    while i < len(argv):
-        if argv[i] == "--config" and i + 1 < len(argv):
-            config_path, i = argv[i + 1], i + 2
-            continue
-        if argv[i].startswith("--config="):
-            config_path = argv[i].partition("=")[2]
-        else:
-            rest.append(argv[i])
-        i += 1
-    try:
-        return load_config(RunConfig, config_path, rest)
-    except FileNotFoundError as e:
-        raise ConfigError(f"--config: {e}") from None
+            raise ValueError(
+                f"teacher_threads={self.teacher_threads} / student_threads={self.student_threads} must be >= 0"
+            )
 
 
 def teacher_model_dir(serve: ServeConfig) -> Path:
@@ -182,14 +176,13 @@ def teacher_heldout_ce(address: str, train: TrainConfig, nproc: int) -> float | 
     """The teacher's CE on the rows the student's evaluation reads (eval_batches per rank, every rank)."""
     from transformers import AutoTokenizer
 
-    from student_trainer.data import PackedDataset, load_packs
-    from student_trainer.teacher_feed import score_from_rows
+    from student_trainer.data import PackedDataset, load_packs, tokenizer_id
+    from student_trainer.sources.common import score_from_rows
     from teacher_server.client import TeacherClient
-    from teacher_server.models import tokenizer_hash
 
     tok_dir = Path(train.model.tokenizer or train.model.path)
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    packs = load_packs(train.data, tok, tokenizer_hash(tok_dir) or str(tok_dir.resolve()))
+    packs = load_packs(train.data, tok, tokenizer_id(tok_dir))
     if "eval" not in packs:
         return None
     total, count = 0.0, 0
@@ -255,26 +248,3 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     if train.checkpoint.export:
         print(f"distilled student exported to {out / 'kd' / 'final'}", flush=True)
     return report
-
-
-def main(argv: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in argv):
-        rows = [f"  {flag:<44} {tp:<10} {default!r}" for flag, tp, default in describe_fields(RunConfig)]
-        print("usage: asymkd run --config run.yaml [--key value ...]\n\nkeys:\n" + "\n".join(rows))
-        return 0
-    try:
-        cfg = parse_run_args(argv)
-    except ConfigError as e:
-        print(f"asymkd run: config error: {e}", file=sys.stderr)
-        return 2
-    from student_trainer.observability import setup_logging
-
-    setup_logging(0)
-    # SIGTERM unwinds like Ctrl-C, so the teacher child process (its own session) is stopped too.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    try:
-        run(cfg)
-    except ConfigError as e:  # found once the pieces are built (tokenizer, data files, teacher model)
-        print(f"asymkd run: config error: {e}", file=sys.stderr)
-        return 2
-    return 0
