@@ -88,10 +88,12 @@ def with_teacher_tokenizer(train: TrainConfig, teacher_dir: Path) -> TrainConfig
 
 
 def variant(train: TrainConfig, out_dir: Path, targets: list[str], *, export: bool = True) -> TrainConfig:
+    """One student of the run in its own folder under out_dir; the run owns those folders, so a second
+    `asymkd run` replaces them (run.overwrite)."""
     return dataclasses.replace(
         train,
         teacher=dataclasses.replace(train.teacher, targets=targets),
-        run=dataclasses.replace(train.run, out_dir=str(out_dir)),
+        run=dataclasses.replace(train.run, out_dir=str(out_dir), overwrite=True),
         checkpoint=dataclasses.replace(train.checkpoint, export=export and train.checkpoint.export),
     )
 
@@ -130,7 +132,7 @@ def _train_torchrun(train: TrainConfig, nproc: int, threads: int) -> dict[str, A
     out = Path(train.run.out_dir)
     config = out / "train.yaml"
     dump_config(train, config)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [sys.executable, "-m", "asymkd.torchrun", "--standalone", f"--nproc_per_node={nproc}"]
     cmd += ["-m", "asymkd.cli", "train", "--config", str(config)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads or 1)}
     log.info("student: %s", " ".join(cmd))

@@ -7,8 +7,11 @@
 
 Layout: `<dir>/step_0000100/` holds the DCP shards of model + optimizer (each rank writes its own shards;
 `get_state_dict`/`set_state_dict` translate FSDP2 DTensors), `trainer_rank{r}.pt` (step, data position,
-scheduler, RNG states of rank r) and `done` (written last by rank 0: a folder without it is incomplete and
-never resumed from). The newest `keep` complete folders are kept.
+scheduler, RNG states of rank r) and `done` (its step). Saving is atomic: every rank writes into
+`step_0000100.tmp/`, and rank 0 renames it once all ranks are done, so a kill never leaves a half-written
+step folder (a leftover `.tmp` is removed by the next save). The newest `keep` complete folders are kept.
+
+    check_out_dir(cfg.run, ckpt, resume=ckpt.resume_path())  # a used out_dir needs resume or run.overwrite
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from student_trainer.config import CheckpointSection
+from asymkd.config import ConfigError
+from student_trainer.config import CheckpointSection, RunSection
 
 log = logging.getLogger("asymkd.student")
 
@@ -70,8 +74,8 @@ class Checkpointer:
         return self.dir / f"step_{step:07d}"
 
     def complete(self) -> list[Path]:
-        """Complete checkpoint folders, oldest first."""
-        return sorted(p.parent for p in self.dir.glob("step_*/done"))
+        """Complete checkpoint folders, oldest first (a `.tmp` folder is a save that did not finish)."""
+        return sorted(p.parent for p in self.dir.glob("step_*/done") if not p.parent.name.endswith(".tmp"))
 
     def resume_path(self) -> Path | None:
         """The folder to resume from: `resume` = a folder, or true = the newest complete one (if any)."""
@@ -82,25 +86,38 @@ class Checkpointer:
             found = self.complete()
             return found[-1] if found else None
         path = Path(str(resume)).expanduser()
-        if not (path / "done").exists():
-            raise FileNotFoundError(f"checkpoint.resume={resume!r}: not a complete checkpoint folder")
+        if not (path / "done").exists() or path.name.endswith(".tmp"):
+            raise ConfigError(f"checkpoint.resume={resume!r}: not a complete checkpoint folder")
         return path
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer: dict) -> Path:
         path = self.step_dir(step)
-        if self.rank == 0 and path.exists():
-            shutil.rmtree(path)  # a stale or partial folder of the same step
+        tmp = path.with_name(path.name + ".tmp")
+        if self.rank == 0:
+            for stale in (*self.dir.glob("step_*.tmp"), path):  # a kill mid-save, or a rerun of this step
+                shutil.rmtree(stale, ignore_errors=True)
         _barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
-        torch.save({**trainer, "rng": rng_state()}, path / f"trainer_rank{self.rank}.pt")
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        torch.save({**trainer, "rng": rng_state()}, tmp / f"trainer_rank{self.rank}.pt")
         _barrier()
         if self.rank == 0:
-            (path / "done").write_text(json.dumps({"step": step}))
+            (tmp / "done").write_text(json.dumps({"step": step}))
+            tmp.rename(path)  # atomic: the folder is complete or absent
             for old in self.complete()[: -self.section.keep]:
                 shutil.rmtree(old, ignore_errors=True)
+        _barrier()  # no rank goes on (or exits) before the checkpoint is complete
         log.info("checkpoint step %d -> %s", step, path)
         return path
+
+    @staticmethod
+    def step_of(path: Path) -> int:
+        """The step a complete checkpoint folder holds."""
+        return int(json.loads((path / "done").read_text())["step"])
+
+    def leftovers(self) -> list[Path]:
+        """What a previous run left in the checkpoint folder (complete or partial step folders)."""
+        return sorted(self.dir.glob("step_*")) if self.dir.is_dir() else []
 
     def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         """Restore model + optimizer in place; return the trainer state and restore this rank's RNG."""
@@ -116,6 +133,36 @@ class Checkpointer:
         set_rng_state(trainer.pop("rng"))
         log.info("resumed from %s (step %d)", path, trainer["step"])
         return trainer
+
+
+# What a run writes into run.out_dir besides config.yaml (a failed start leaves only that one).
+RUN_FILES = ("metrics.jsonl", "summary.json", "final", "tensorboard")
+
+
+def check_out_dir(run: RunSection, ckpt: Checkpointer, *, resume: Path | None, rank: int) -> None:
+    """Refuse to train into an out_dir that holds another run's files, unless this run resumes from a checkpoint
+    or `run.overwrite` is set (rank 0 then removes them; call on every rank)."""
+    out = Path(run.out_dir)
+    used = [out / f for f in RUN_FILES if (out / f).exists()] + ckpt.leftovers()
+    if resume is None and used and not run.overwrite:
+        wanted = ckpt.section.resume not in (False, "", "false")
+        why = (
+            f"checkpoint.resume: no checkpoint in {ckpt.dir}, so this run would start fresh; but "
+            if wanted
+            else ""
+        )
+        names = ", ".join(str(p) for p in used[:3]) + (" ..." if len(used) > 3 else "")
+        raise ConfigError(
+            f"{why}run.out_dir={str(out)!r} holds another run's files ({names}): set checkpoint.resume=true to "
+            "continue it, run.overwrite=true to replace it, or another run.out_dir"
+        )
+    if resume is None and used:
+        _barrier()  # every rank has looked before rank 0 removes
+        if rank == 0:
+            log.warning("run.overwrite: removing %s", ", ".join(str(p) for p in used))
+            for p in used:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        _barrier()
 
 
 def export_pretrained(model: nn.Module, tokenizer: Any, out: str | Path, *, rank: int = 0) -> Path | None:

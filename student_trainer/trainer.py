@@ -1,14 +1,11 @@
-"""The student training loop: FSDP2 model, teacher source, KD + CE loss, AdamW, checkpoints, eval, export.
+"""The student training loop: FSDP2 model, teacher source, the step (step.py), checkpoints, eval, export.
 
     torchrun --standalone --nproc_per_node=2 -m asymkd.cli train --config run.yaml
     python -c "from student_trainer.trainer import Trainer; Trainer(cfg).train()"   # one rank
 
-One optimizer step = `grad_accum_steps` micro-batches per rank. Loss normalization: every micro-batch's loss
-is a *sum* over its target rows (loss_mask & teacher.valid); before any backward the step's target count is
-summed over the micro-batches and all-reduced over ranks (N), and each micro-batch back-propagates
-sum × dp_size / N. FSDP averages gradients over the dp ranks (÷ dp_size), so the accumulated gradient is
-Σ_ranks Σ_micro ∇sum / N: exactly the gradient of the mean loss over all target tokens of the global batch,
-however tokens are spread over micro-batches and ranks.
+Order at start (fail fast): process group and parallel degrees, the out_dir and the checkpoint to resume
+from, tokenizer, data, model, optimizer; the teacher source's handshake right before the first step. A
+SIGINT/SIGTERM stops every rank after its step with a checkpoint (interrupt.py).
 """
 
 from __future__ import annotations
@@ -17,20 +14,21 @@ import itertools
 import json
 import logging
 import math
+import os
+import signal
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from asymkd.config import ConfigError, dump_config
 from asymkd.contract import tokenizer_hash
-from student_trainer import losses
-from student_trainer.checkpoint import Checkpointer, export_pretrained
-from student_trainer.config import DistillSection, OptimSection, TrainConfig
+from student_trainer.checkpoint import Checkpointer, check_out_dir, export_pretrained
+from student_trainer.config import TrainConfig
 from student_trainer.data import PackedDataset, load_packs, tokenizer_id
+from student_trainer.interrupt import Interrupted, StopRequest
 from student_trainer.model import build_student, load_tokenizer
 from student_trainer.observability import MetricsLogger, memory_gb, setup_logging
 from student_trainer.parallel import (
@@ -44,146 +42,11 @@ from student_trainer.parallel import (
     mp_policy,
 )
 from student_trainer.sources import build_teacher_source
-from student_trainer.sources.base import MicroBatch, StudentSide, TeacherBatch, TeacherSource
-from student_trainer.sources.common import TeacherCompatError
+from student_trainer.sources.base import MicroBatch, StudentSide, TeacherSource
+from student_trainer.sources.common import TeacherCompatError, TeacherUnreachableError
+from student_trainer.step import LossSums, accumulate_gradients, build_optimizer, loss_sums
 
 log = logging.getLogger("asymkd.student")
-
-
-# ------------------------------------------------------------------------------------ optimizer, schedule
-def lr_multiplier(
-    step: int, *, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float
-) -> float:
-    """LR factor for optimizer step `step` (0-based): linear warmup, then cosine down to `min_lr_ratio`."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_optimizer(model: nn.Module, optim: OptimSection, total_steps: int) -> tuple[Any, Any]:
-    """AdamW (weight decay on matrices only) and its LambdaLR schedule."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": optim.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: lr_multiplier(
-            s,
-            warmup_steps=optim.warmup_steps,
-            total_steps=total_steps,
-            schedule=optim.schedule,
-            min_lr_ratio=optim.min_lr_ratio,
-        ),
-    )
-    return optimizer, sched
-
-
-# ------------------------------------------------------------------------------------------------- loss
-def target_mask(batch: dict[str, Tensor], teacher: TeacherBatch | None) -> Tensor:
-    """(B, T-1) bool: rows that are training targets (and were scored by the teacher, if any)."""
-    mask = batch["loss_mask"]
-    return mask if teacher is None else mask & teacher.valid.to(mask.device)
-
-
-def _pad_row(t: Tensor | None, value: float = 0) -> Tensor | None:
-    """(B, T-1, ...) → (B, T, ...): one dummy (masked) row so rows line up with the (B·T, V) logits view."""
-    if t is None:
-        return None
-    pad = [0, 0] * (t.dim() - 2) + [0, 1]
-    return F.pad(t, pad, value=value)
-
-
-class LossSums(NamedTuple):
-    """Sums over the target rows of one micro-batch; the KD fields are None without a teacher."""
-
-    loss: Tensor  # what is back-propagated (before normalization)
-    kd: Tensor | None
-    ce: Tensor
-    teacher_mass: Tensor | None = None  # Σ teacher probability inside the sent support (1 − tail for TOP_K)
-    student_mass: Tensor | None = None  # Σ student probability on the teacher's top-k ids
-
-
-def loss_sums(
-    logits: Tensor, input_ids: Tensor, mask: Tensor, teacher: TeacherBatch | None, distill: DistillSection
-) -> LossSums:
-    """Loss sums over target rows; logits (B, T, V), mask (B, T-1), teacher rows aligned with mask.
-
-    Without a teacher the loss is CE. With one: kd_weight · KD + ce_weight · CE (losses.py: TOP_K through
-    the fused kernel, FULL in chunks of `chunk_rows` valid rows, so no (B, T, V) tensor is built beyond the
-    student's own logits).
-    """
-    b, t, v = logits.shape
-    flat = logits.reshape(b * t, v)  # a view: row b·T + t predicts input_ids[b, t + 1]
-    mask_p = _pad_row(mask, False)
-    targets = _pad_row(input_ids[:, 1:])
-    if teacher is None:
-        ce = losses.ce_loss_sum(flat, targets, mask_p)
-        return LossSums(ce, None, ce)
-    if teacher.ids is not None:
-        t_lp, t_ids, t_tail = teacher.logprobs, teacher.ids, teacher.tail_logprob
-    else:
-        t_lp, t_ids, t_tail = teacher.full, None, None
-    out = losses.distill_loss(
-        flat,
-        _pad_row(t_lp),
-        mask_p,
-        teacher_ids=_pad_row(t_ids),
-        teacher_tail=_pad_row(t_tail),
-        targets=targets,
-        chunk_rows=distill.chunk_rows or None,
-        loss=distill.loss,
-        beta=distill.beta,
-        alpha=distill.alpha,
-        temperature=distill.temperature,
-    )
-    loss = distill.kd_weight * out.kd_sum + distill.ce_weight * out.ce_sum
-    n = out.num_tokens  # the losses report the two masses as means over valid rows
-    return LossSums(
-        loss, out.kd_sum, out.ce_sum, out.teacher_mass_in_support * n, out.student_mass_in_teacher_topk * n
-    )
-
-
-def forward_backward_step(
-    model: nn.Module, mb: MicroBatch, *, distill: DistillSection, scale: float, device: torch.device
-) -> Tensor:
-    """Forward one micro-batch, backward `loss_sum × scale`; returns the detached `LossSums` as a (5,) fp64
-    tensor (NaN for the KD fields without a teacher)."""
-    input_ids = mb.batch["input_ids"].to(device)
-    teacher = None if mb.teacher is None else mb.teacher.to(device)
-    mask = target_mask(mb.batch, mb.teacher).to(device)
-    logits = model(input_ids=input_ids).logits
-    sums = loss_sums(logits, input_ids, mask, teacher, distill)
-    (sums.loss * scale).backward()
-    nan = torch.full_like(sums.loss, float("nan"))
-    return torch.stack([nan if x is None else x.float() for x in sums]).detach().double().cpu()
-
-
-def accumulate_gradients(
-    model: nn.Module,
-    micro: list[MicroBatch],
-    *,
-    distill: DistillSection,
-    device: torch.device,
-    dp_size: int = 1,
-) -> tuple[Tensor, float]:
-    """Backward every micro-batch so the gradients equal ∇ of the global token mean (see module docstring).
-
-    Returns the local `LossSums` fields as a (5,) tensor (not yet reduced over ranks) and the global target
-    count N.
-    """
-    local = sum(int(target_mask(mb.batch, mb.teacher).sum()) for mb in micro)
-    n_tokens = float(all_reduce_sum(torch.tensor([local], dtype=torch.float64)).item())
-    scale = dp_size / max(n_tokens, 1.0)  # × dp_size undoes FSDP's gradient averaging over the dp ranks
-    sums = torch.zeros(len(LossSums._fields), dtype=torch.float64)
-    for mb in micro:
-        sums += forward_backward_step(model, mb, distill=distill, scale=scale, device=device)
-    return sums, n_tokens
 
 
 # ----------------------------------------------------------------------------------------------- trainer
@@ -192,7 +55,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
-        self.dist = init_distributed(cfg.parallel.device)
+        self.dist = init_distributed(cfg.parallel.device, cfg.parallel.timeout_s)
         self.rank, self.device = self.dist.rank, self.dist.device
         setup_logging(self.rank)
         try:
@@ -200,13 +63,15 @@ class Trainer:
         except ValueError as e:
             raise ConfigError(f"parallel: {e}") from None
         self.out_dir = Path(cfg.run.out_dir)
+        self.checkpointer = Checkpointer(cfg.checkpoint, self.out_dir, self.rank)
+        self.resume_from = self._resume_point()
+        check_out_dir(cfg.run, self.checkpointer, resume=self.resume_from, rank=self.rank)
         if self.rank == 0:
             dump_config(cfg, self.out_dir / "config.yaml")
         self.tokenizer, self.tokenizer_dir = load_tokenizer(cfg.model)
         self.train_data, self.eval_data = self._build_data()  # a missing data file fails before the model
         self.model = self._build_model()
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, cfg.run.steps)
-        self.checkpointer = Checkpointer(cfg.checkpoint, self.out_dir, self.rank)
         self.metrics = MetricsLogger(cfg.metrics, self.out_dir, rank=self.rank, total_steps=cfg.run.steps)
         self.last_stats: dict[str, Any] = {}
         self.last_eval: dict[str, Any] = {}
@@ -221,6 +86,21 @@ class Trainer:
             len(self.train_data),
             cfg.data.seq_len,
         )
+
+    def _resume_point(self) -> Path | None:
+        """The checkpoint to resume from (None: start fresh), checked against run.steps before anything is built."""
+        path = self.checkpointer.resume_path()
+        if path is None:
+            if self.cfg.checkpoint.resume not in (False, "", "false"):
+                log.info("checkpoint.resume: no checkpoint in %s: starting fresh", self.checkpointer.dir)
+            return None
+        step = Checkpointer.step_of(path)
+        if step > self.cfg.run.steps:
+            raise ConfigError(
+                f"run.steps={self.cfg.run.steps} is below the step of the checkpoint to resume from ({step}, "
+                f"{path}): raise run.steps, or resume from an earlier checkpoint"
+            )
+        return path
 
     def _build_model(self) -> nn.Module:
         par = self.cfg.parallel
@@ -264,37 +144,59 @@ class Trainer:
         )
         try:
             return build_teacher_source(self.cfg.teacher, self.cfg.distill, batches, student)
-        except TeacherCompatError as e:
+        except (TeacherCompatError, TeacherUnreachableError) as e:
             raise ConfigError(f"teacher: {e}") from None
 
     def train(self) -> dict[str, Any]:
-        cfg, accum = self.cfg, self.cfg.optim.grad_accum_steps
+        """Run the remaining steps; on SIGINT/SIGTERM every rank stops after its step, a checkpoint is written
+        and Interrupted is raised (student_trainer/interrupt.py)."""
+        cfg = self.cfg
         self._maybe_resume()
-        source = self._open_source()
+        stop = StopRequest(cfg.checkpoint.stop_grace_s)
+        with stop.installed():
+            source = self._open_source()
+            try:
+                last_saved = self._loop(source, stop)
+            finally:
+                source.close()
+            if self.last_stats.get("stop"):  # on every rank, whichever got the signal
+                if last_saved != self.step:
+                    self.save()
+                signum = stop.signum or signal.SIGTERM
+                self._say_how_to_resume(signum)
+                raise Interrupted(signum, self.step)
+        return self._finish(last_saved)
+
+    def _loop(self, source: TeacherSource, stop: StopRequest) -> int:
+        """Optimizer steps until run.steps or an agreed stop; returns the last step checkpointed."""
+        cfg, accum = self.cfg, self.cfg.optim.grad_accum_steps
         self.metrics.start(self.step)
         stream = iter(source)
         last_saved = self.step
-        try:
-            while self.step < cfg.run.steps:
-                t0 = time.perf_counter()
-                micro = list(itertools.islice(stream, accum))
-                if len(micro) < accum:
-                    raise RuntimeError(
-                        f"the data feed ended early at step {self.step} ({len(micro)} micro-batches)"
-                    )
-                stats = self.last_stats = self.train_step(micro)
-                self.step += 1
-                self.data_position += accum
-                self.metrics.log_step(
-                    self.step, self._step_record(stats, micro, source, time.perf_counter() - t0)
+        while self.step < cfg.run.steps:
+            t0 = time.perf_counter()
+            micro = list(itertools.islice(stream, accum))
+            if len(micro) < accum:
+                raise RuntimeError(
+                    f"the data feed ended early at step {self.step} ({len(micro)} micro-batches)"
                 )
-                if cfg.run.eval_every and self.step % cfg.run.eval_every == 0:
-                    self._run_eval()
-                if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
-                    self.save()
-                    last_saved = self.step
-        finally:
-            source.close()
+            stats = self.last_stats = self.train_step(micro, stop=bool(stop.signum))
+            self.step += 1
+            self.data_position += accum
+            self.metrics.log_step(
+                self.step, self._step_record(stats, micro, source, time.perf_counter() - t0)
+            )
+            if stats["stop"]:  # a rank got SIGINT/SIGTERM: every rank knows it from this step's all-reduce
+                return last_saved
+            if cfg.run.eval_every and self.step % cfg.run.eval_every == 0:
+                self._run_eval()
+            if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
+                self.save()
+                last_saved = self.step
+        return last_saved
+
+    def _finish(self, last_saved: int) -> dict[str, Any]:
+        cfg = self.cfg
         summary = {"step": self.step, "loss": self.last_stats.get("loss")}
         if self.eval_data is not None:
             summary |= self.last_eval if self.last_eval.get("step") == self.step else self._run_eval()
@@ -305,8 +207,9 @@ class Trainer:
         self._write_summary(summary)
         return summary
 
-    def train_step(self, micro: list[MicroBatch]) -> dict[str, Any]:
-        """Accumulate gradients over the micro-batches, clip, step AdamW and the LR schedule."""
+    def train_step(self, micro: list[MicroBatch], *, stop: bool = False) -> dict[str, Any]:
+        """Accumulate gradients over the micro-batches, clip, step AdamW and the LR schedule. `stop` (this rank
+        was asked to stop) travels with the loss sums' all-reduce: stats["stop"] is true on every rank."""
         sums, n_tokens = accumulate_gradients(
             self.model, micro, distill=self.cfg.distill, device=self.device, dp_size=self.dims.dp_size
         )
@@ -315,9 +218,10 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        means = (all_reduce_sum(sums) / max(n_tokens, 1.0)).tolist()
+        reduced = all_reduce_sum(torch.cat([sums, torch.tensor([float(stop)], dtype=sums.dtype)]))
+        means = (reduced[:-1] / max(n_tokens, 1.0)).tolist()
         stats = {k: None if math.isnan(v) else v for k, v in zip(LossSums._fields, means, strict=True)}
-        return stats | {"lr": lr, "gnorm": gnorm, "tokens": int(n_tokens)}
+        return stats | {"lr": lr, "gnorm": gnorm, "tokens": int(n_tokens), "stop": bool(reduced[-1] > 0)}
 
     def _step_record(
         self, stats: dict, micro: list[MicroBatch], source: TeacherSource, dt: float
@@ -363,7 +267,7 @@ class Trainer:
         self.checkpointer.save(self.step, self.model, self.optimizer, state)
 
     def _maybe_resume(self) -> None:
-        path = self.checkpointer.resume_path()
+        path = self.resume_from
         if path is None:
             return
         state = self.checkpointer.load(path, self.model, self.optimizer)
@@ -380,6 +284,21 @@ class Trainer:
                 self.dist.world_size,
                 self.data_position,
             )
+
+    def _say_how_to_resume(self, signum: int) -> None:
+        if self.rank != 0:
+            return
+        config = self.out_dir / "config.yaml"
+        cmd = f"asymkd train --config {config} --checkpoint.resume true"
+        if self.dist.world_size > 1:
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size))
+            nodes = "" if local == self.dist.world_size else " (on every node, with its rendezvous options)"
+            cmd = f"python -m asymkd.torchrun --nproc_per_node={local} -m asymkd.cli train --config {config} "
+            cmd += f"--checkpoint.resume true{nodes}"
+        log.warning(
+            "interrupted by %s at step %d/%d: checkpoint %s\nresume with: %s",
+            signal.Signals(signum).name, self.step, self.cfg.run.steps, self.checkpointer.step_dir(self.step), cmd,
+        )  # fmt: skip
 
     def _write_summary(self, summary: dict[str, Any]) -> None:
         if self.rank == 0:

@@ -32,6 +32,10 @@ class TeacherCompatError(ValueError):
     the requested signal."""
 
 
+class TeacherUnreachableError(RuntimeError):
+    """No teacher answered within the source's deadline (the message names the address and the last error)."""
+
+
 class TeacherRowsError(RuntimeError):
     """A teacher answer with the wrong number of rows for its sequence."""
 

@@ -19,9 +19,11 @@ Exactly once (this is the one layer that owns it): every batch read gets an inde
 has an answer; answers are handed over in index order. When a call fails with a retryable status (the client
 has already retried it, e.g. the only teacher is restarting), the whole batch is sent again, never skipped:
 meanwhile the feed backs off and repeats the GetInfo handshake (the teacher that comes back must still fit),
-until no answer has come for `teacher.retry_deadline_s`. Any other error (bad request, incompatible teacher,
-deadline) is raised in the training thread, gRPC status and details included. The handshake itself is
-`common.negotiate`.
+until no answer has come for `teacher.retry_deadline_s`. At start it waits as long for a teacher that is not
+up yet, for `teacher.connect_timeout_s`. Either wait logs one line per change of state (not per retry) and
+ends in a TeacherUnreachableError naming the address and the last error. Any other error (bad request,
+incompatible teacher, deadline) is raised in the training thread, gRPC status and details included. The
+handshake itself is `common.negotiate`.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from collections.abc import Callable, Iterable, Iterator
 from asymkd.wire import ScoreQuery
 from student_trainer.config import DistillSection, TeacherSection
 from student_trainer.sources.base import MicroBatch, StudentSide
-from student_trainer.sources.common import negotiate, scatter_scores, score_from_rows
+from student_trainer.sources.common import TeacherUnreachableError, negotiate, scatter_scores, score_from_rows
 from teacher_server.client import AsyncTeacherClient, TeacherError
 
 log = logging.getLogger("asymkd.student.feed")
@@ -97,6 +99,7 @@ class TeacherFeed:
         self._epoch = 0  # +1 each time the feed recovered from an outage (handshake passed again)
         self._outage_since: float | None = None  # first failure since the last answer
         self._attempt = 0
+        self._last_state: tuple | None = None  # (code, details) last logged
         self.top_k = distill.top_k
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
@@ -218,7 +221,7 @@ class TeacherFeed:
 
     async def _recover(self, err: TeacherError, epoch: int) -> None:
         """After a retryable failure: back off, then pass the handshake again; one recovery per outage (the
-        batches that failed in the same outage wait for it); gives up after retry_deadline_s."""
+        batches that failed in the same outage wait for it); gives up after teacher.retry_deadline_s."""
         async with self._lock:
             if self._epoch != epoch:  # another batch's task recovered since this one was sent
                 return
@@ -226,6 +229,8 @@ class TeacherFeed:
             self._epoch += 1
 
     async def _handshake_until_up(self, err: TeacherError | None = None) -> None:
+        """GetInfo + handshake, retried while the teacher is unreachable: at start for connect_timeout_s, in an
+        outage for retry_deadline_s (counted from its first failure)."""
         while True:
             if err is not None:
                 await self._back_off(err)
@@ -239,23 +244,38 @@ class TeacherFeed:
 
     async def _back_off(self, err: TeacherError) -> None:
         now = time.monotonic()
+        starting = not self._started.done()
         if self._outage_since is None:
-            self._outage_since, self._attempt = now, 0
+            self._outage_since, self._attempt, self._last_state = now, 0, None
         down_s = now - self._outage_since
-        if down_s > self.teacher.retry_deadline_s:
-            msg = f"{err.details} (no teacher answer for {down_s:.0f} s)"
-            raise TeacherError(err.code, msg, err.address, err.method, retryable=False) from err
+        limit_key = "connect_timeout_s" if starting else "retry_deadline_s"
+        limit_s = getattr(self.teacher, limit_key)
+        if down_s > limit_s:
+            where = ",".join(self._targets)
+            msg = (
+                f"no answer from the teacher at {where} for {down_s:.0f} s (teacher.{limit_key}={limit_s:g})"
+            )
+            raise TeacherUnreachableError(
+                f"{msg}; last: {err.method} {err.code.name}: {err.details}"
+            ) from err
         self._attempt += 1
         delay = backoff_s(self._attempt, self._backoff_base_s, _MAX_BACKOFF_S)
-        log.warning(
-            "teacher unavailable (%s: %s); %d batches to resend; next try in %.1f s (down %.0f s)",
-            err.code.name, err.details[:200], self.in_flight, delay, down_s,
-        )  # fmt: skip
+        state = (err.code, err.details)
+        if state != self._last_state:  # one line per change of state, not per retry
+            self._last_state = state
+            what = "waiting for the teacher" if starting else "teacher unavailable"
+            log.warning(
+                "%s at %s (%s: %s); %s", what, ",".join(self._targets), err.code.name, err.details[:200],
+                f"up to {limit_s - down_s:.0f} s more" if starting else f"{self.in_flight} batches to resend",
+            )  # fmt: skip
         await asyncio.sleep(delay)
 
     async def _handshake(self) -> None:
         info = await self._client.info()
         self.top_k = negotiate(info, self.distill, self.teacher, self.student)
+        if self._last_state is not None:
+            log.warning("teacher answering at %s again", ",".join(self._targets))
+            self._last_state = None
         if not self._started.done():
             log.info(
                 "teacher %s (%s, vocab %d) at %s | signal %s top_k %d T %.2f | prefetch %d",

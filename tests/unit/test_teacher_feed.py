@@ -9,6 +9,7 @@ on a script. The real server + client path is covered by tests/integration/test_
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import random
 import threading
@@ -24,6 +25,7 @@ from student_trainer.config import DistillSection, TeacherSection
 from student_trainer.sources.base import StudentSide
 from student_trainer.sources.common import (
     TeacherCompatError,
+    TeacherUnreachableError,
     check_teacher_compat,
     fit_teacher_vocab,
     negotiate,
@@ -128,10 +130,21 @@ def make_batches(n: int, read_log: list[int] | None = None):
         yield {"input_ids": ids, "loss_mask": mask, "sample_ids": torch.arange(B) + B * i}
 
 
-def run_feed(teacher: StandInTeacher, n: int, prefetch: int = 3, retry_deadline_s: float = 30.0) -> list:
+def run_feed(
+    teacher: StandInTeacher,
+    n: int,
+    prefetch: int = 3,
+    retry_deadline_s: float = 30.0,
+    connect_s: float = 30.0,
+) -> list:
     feed = TeacherFeed(
         make_batches(n),
-        TeacherSection(targets=["127.0.0.1:1"], prefetch=prefetch, retry_deadline_s=retry_deadline_s),
+        TeacherSection(
+            targets=["127.0.0.1:1"],
+            prefetch=prefetch,
+            retry_deadline_s=retry_deadline_s,
+            connect_timeout_s=connect_s,
+        ),
         DistillSection(top_k=K),
         StudentSide(vocab_size=V, tokenizer_hash="tok"),
         client_factory=teacher.client,
@@ -196,9 +209,24 @@ def test_waits_for_a_teacher_that_is_not_up_yet():
 def test_gives_up_after_the_retry_deadline():
     teacher = StandInTeacher(fail_calls=set(range(3, 1000)), fail_info=set(range(1, 1000)))
     t0 = time.monotonic()
-    with pytest.raises(Exception, match=r"UNAVAILABLE.*no teacher answer for"):
+    with pytest.raises(
+        TeacherUnreachableError, match=r"teacher\.retry_deadline_s=0\.2\); last: \w+ UNAVAILABLE"
+    ):
         run_feed(teacher, 8, retry_deadline_s=0.2)
     assert time.monotonic() - t0 < 10
+
+
+def test_a_teacher_that_never_comes_up_is_named_at_the_connect_deadline_in_one_line_per_state(
+    caplog, monkeypatch
+):
+    monkeypatch.setattr(logging.getLogger("asymkd"), "propagate", True)  # a trainer run may have set it off
+    teacher = StandInTeacher(fail_info=set(range(1000)))
+    t0 = time.monotonic()
+    with pytest.raises(TeacherUnreachableError, match=r"at 127\.0\.0\.1:1 .*connect_timeout_s=0\.3\)"):
+        run_feed(teacher, 2, connect_s=0.3)
+    assert time.monotonic() - t0 < 10 and teacher.info_calls >= 3  # retried, within the bound
+    waits = [r for r in caplog.records if "waiting for the teacher" in r.getMessage()]
+    assert len(waits) == 1  # the same failure again is not logged again
 
 
 def test_backpressure_reads_at_most_prefetch_batches_ahead():

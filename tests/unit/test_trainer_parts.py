@@ -12,7 +12,7 @@ from student_trainer.config import DistillSection
 from student_trainer.observability import format_duration, format_step_line
 from student_trainer.parallel import clip_grad_norm
 from student_trainer.sources.base import MicroBatch, TeacherBatch
-from student_trainer.trainer import accumulate_gradients, loss_sums, lr_multiplier
+from student_trainer.step import accumulate_gradients, loss_sums, lr_multiplier
 
 
 def test_lr_schedule_warmup_cosine_constant():
