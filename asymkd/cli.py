@@ -14,6 +14,8 @@ import their component when they run, so `--help` and config errors answer at on
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -61,6 +63,9 @@ def train(argv: list[str]) -> int:
 
 
 def _train(cfg: TrainConfig) -> int:
+    """0 when the run ends; 128 + the signal after SIGINT/SIGTERM (a checkpoint was written and the command
+    that resumes it printed), with no traceback."""
+    from student_trainer.interrupt import Interrupted
     from student_trainer.parallel import destroy_distributed
     from student_trainer.trainer import Trainer
 
@@ -70,6 +75,11 @@ def _train(cfg: TrainConfig) -> int:
             trainer.train()
         finally:
             trainer.close()
+    except Interrupted as e:
+        return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C before the first step: nothing trained, nothing to save
+        print("asymkd train: interrupted before training started", file=sys.stderr)
+        return 130
     finally:
         destroy_distributed()
     return 0
@@ -140,12 +150,22 @@ def _cache_info(args: list[str]) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------- plan
+def plan(argv: list[str]) -> int:
+    """`asymkd plan`: the partition planner (asymkd/planner/; `--emit KIND DIR` is rewritten to two keys)."""
+    from asymkd.planner.command import emit_argv, run_plan
+    from asymkd.planner.config import PlanConfig
+
+    return run_command(PlanConfig, emit_argv(argv), run_plan, prog="asymkd plan")
+
+
 # ------------------------------------------------------------------------------------------- dispatcher
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "serve": (serve, "run the teacher gRPC service"),
     "train": (train, "train a student against a teacher (servers, in process, or a cache)"),
     "run": (run, "embedded default: local teacher + student on one machine"),
     "cache": (cache, "write / inspect an offline teacher-logit cache"),
+    "plan": (plan, "partition planner: pick the teacher/student split of a cluster"),
 }
 
 
@@ -173,4 +193,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A rank of torchrun, its work done and its process group left: exit without running C++ static
+        # destructors, which can race at exit and abort a finished rank ("terminate called without an active
+        # exception", seen in ~1 of 25 two-rank gloo runs here, after destroy_process_group).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from asymkd.config import dump_config
-from student_trainer.config import TrainConfig
+from student_trainer.config import TrainConfig, client_options
 from teacher_server.config import ServeConfig
 
 log = logging.getLogger("asymkd.student.run")
@@ -188,7 +188,7 @@ def teacher_heldout_ce(address: str, train: TrainConfig, nproc: int) -> float | 
     if "eval" not in packs:
         return None
     total, count = 0.0, 0
-    with TeacherClient([address], timeout_s=train.teacher.timeout_s) as client:
+    with TeacherClient([address], **client_options(train.teacher)) as client:
         for rank in range(nproc):
             held = PackedDataset(
                 packs["eval"], micro_batch_size=train.optim.micro_batch_size, rank=rank,

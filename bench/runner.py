@@ -188,7 +188,9 @@ def run_train(
 ) -> TrainResult:
     """`asymkd train --config out_dir/run.yaml` as a child process; teacher targets are filled in."""
     config = json.loads(json.dumps(config))  # a private copy
-    config.setdefault("run", {}).update(out_dir=str(out_dir), overwrite=True)  # every measurement starts fresh
+    config.setdefault("run", {}).update(
+        out_dir=str(out_dir), overwrite=True
+    )  # every measurement starts fresh
     config.setdefault("metrics", {})["jsonl"] = "metrics.jsonl"
     log_path = out_dir / "train.log"
     cmd, env = _asymkd_child(["train"], config, out_dir / "run.yaml", placement, teacher)

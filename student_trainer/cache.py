@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from asymkd.config import ConfigError
-from student_trainer.config import CacheWriteConfig
+from student_trainer.config import CacheWriteConfig, client_options
 
 log = logging.getLogger("asymkd.student.cache")
 FORMAT = "asymkd-teacher-cache/1"
@@ -87,7 +87,7 @@ def write_cache(cfg: CacheWriteConfig) -> dict:
     except (FileNotFoundError, KeyError) as e:
         raise ConfigError(f"data: {e}") from None
     n, mbs = len(rows), cfg.optim.micro_batch_size
-    client = TeacherClient(cfg.teacher.targets, timeout_s=cfg.teacher.timeout_s)
+    client = TeacherClient(cfg.teacher.targets, **client_options(cfg.teacher))
     try:
         vocab = client.info().vocab_size  # the teacher's own ids; students are checked at read time
     finally:

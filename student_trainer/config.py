@@ -13,9 +13,11 @@ cross-checks sections once at start. Components get only the section they need. 
 
 from __future__ import annotations
 
+import os
 import re
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from teacher_server.config import ServeConfig
@@ -199,6 +201,8 @@ class ParallelSection:
     """ranks a parameter is sharded over; -1 = WORLD_SIZE / dp_replicate"""
     dp_replicate: int = 1
     """replicas of the sharded group (HSDP)"""
+    timeout_s: float = 600.0
+    """collective timeout: a rank that died or hangs fails the others after at most this long"""
 
     def __post_init__(self) -> None:
         dtypes = ("float32", "bfloat16")
@@ -206,7 +210,11 @@ class ParallelSection:
             self.param_dtype = _canonical_dtype(self.param_dtype, "param_dtype", dtypes)
         self.reduce_dtype = _canonical_dtype(self.reduce_dtype, "reduce_dtype", dtypes)
         _check(
-            {"dp_shard": self.dp_shard == -1 or self.dp_shard >= 1, "dp_replicate": self.dp_replicate >= 1},
+            {
+                "dp_shard": self.dp_shard == -1 or self.dp_shard >= 1,
+                "dp_replicate": self.dp_replicate >= 1,
+                "timeout_s": self.timeout_s > 0,
+            },
             self,
         )
 
@@ -288,11 +296,26 @@ class TeacherSection:
     """per request, on UNAVAILABLE / RESOURCE_EXHAUSTED, with backoff (client level)"""
     retry_deadline_s: float = 300.0
     """feed level: resend held batches until no answer came for this long"""
+    connect_timeout_s: float = 120.0
+    """how long the trainer waits at start for a teacher that is not up yet; then a clear error, exit 2"""
     allow_padded_vocab: bool = False
     """accept a teacher vocab smaller than the student's (e.g. 151936 vs 152064): the extra student ids are
     ids the tokenizer never produces; they count as teacher probability 0 (top-k: in the tail bucket)"""
+    tls_ca: str = ""
+    """TLS to the teacher: the CA (PEM) that signed the servers' certificates (`asymkd serve --tls-cert`)"""
+    tls_cert: str = ""
+    """mutual TLS: this client's certificate (PEM), for servers started with --tls-client-ca; needs tls_key"""
+    tls_key: str = ""
+    """mutual TLS: the private key of tls_cert (PEM)"""
+    tls_server_name: str = ""
+    """the name the servers' certificates carry, when it is not the host in targets (an IP, several targets)"""
+    auth_token_file: str = ""
+    """a file holding the bearer token of servers started with --auth-token-file"""
+    auth_token_env: str = ""
+    """or the name of an environment variable holding it (e.g. ASYMKD_TEACHER_TOKEN)"""
 
     def __post_init__(self) -> None:
+        self._check_security()
         bad = [t for t in self.targets if not _TARGET.match(t)]
         if bad:
             raise ValueError(f"targets {bad} are not host:port or a gRPC URI (dns:, ipv4:, ipv6:, unix:)")
@@ -316,6 +339,35 @@ class TeacherSection:
             self,
         )
 
+    def _check_security(self) -> None:
+        """One line naming the key: cert and key together, files that exist, one token source that is set."""
+        if bool(self.tls_cert) != bool(self.tls_key):
+            given, missing = ("tls_cert", "tls_key") if self.tls_cert else ("tls_key", "tls_cert")
+            raise ValueError(f"{given} needs {missing} (this client's certificate and its key go together)")
+        if self.tls_server_name and not (self.tls_ca or self.tls_cert):
+            raise ValueError(f"tls_server_name={self.tls_server_name!r} needs TLS: set tls_ca")
+        for key in _SECURITY_FILES:
+            path = getattr(self, key)
+            if path and not Path(path).is_file():
+                raise ValueError(f"{key}={path!r}: no such file")
+        if self.auth_token_file and self.auth_token_env:
+            raise ValueError("set auth_token_file or auth_token_env, not both")
+        if self.auth_token_env and not os.environ.get(self.auth_token_env, "").strip():
+            raise ValueError(
+                f"auth_token_env={self.auth_token_env!r}: the environment variable is unset or empty"
+            )
+
+
+_SECURITY_FILES = ("tls_ca", "tls_cert", "tls_key", "auth_token_file")
+_SECURITY_KEYS = (*_SECURITY_FILES, "tls_server_name", "auth_token_env")
+
+
+def client_options(teacher: TeacherSection) -> dict[str, object]:
+    """The keyword options of AsyncTeacherClient / TeacherClient for `teacher.targets`: deadline, retries,
+    and the TLS / token options that are set (`AsyncTeacherClient(teacher.targets, **client_options(t))`)."""
+    options: dict[str, object] = {"timeout_s": teacher.timeout_s, "max_retries": teacher.max_retries}
+    return options | {key: getattr(teacher, key) for key in _SECURITY_KEYS if getattr(teacher, key)}
+
 
 @dataclass
 class CheckpointSection:
@@ -331,11 +383,22 @@ class CheckpointSection:
     """true = the newest checkpoint in `dir` (none: start fresh); or a step folder"""
     export: bool = True
     """save_pretrained + tokenizer to <run.out_dir>/final at the end"""
+    stop_grace_s: float = 25.0
+    """SIGINT/SIGTERM: every rank stops after its current step and a checkpoint is written, if that takes
+    at most this long (then the run stops without one); under the 30 s that torchrun, SLURM and Kubernetes
+    give by default before SIGKILL"""
 
     def __post_init__(self) -> None:
         if not isinstance(self.resume, bool | str):
             raise ValueError(f"resume={self.resume!r} must be true/false or a checkpoint folder")
-        _check({"every_steps": self.every_steps >= 0, "keep": self.keep >= 1}, self)
+        _check(
+            {
+                "every_steps": self.every_steps >= 0,
+                "keep": self.keep >= 1,
+                "stop_grace_s": self.stop_grace_s > 0,
+            },
+            self,
+        )
 
 
 @dataclass
@@ -367,6 +430,9 @@ class RunSection:
     """steps between held-out evaluations; 0 = only at the end (when there is eval data)"""
     eval_batches: int = 4
     """micro-batches per rank per evaluation"""
+    overwrite: bool = False
+    """train into an out_dir that already holds a run's files (checkpoints, metrics, final/) after removing
+    them; without it such an out_dir is refused unless checkpoint.resume is set"""
 
     def __post_init__(self) -> None:
         _check(

@@ -12,6 +12,7 @@ a 1-rank group so every code path (FSDP, DCP checkpoints, collectives) is the sa
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -62,8 +63,14 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInf
 
 
 def destroy_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group together: a rank that tears its group down while a peer still has work on it can
+    make the peer's gloo threads abort the process at exit ("terminate called without an active exception")."""
+    if not dist.is_initialized():
+        return
+    if dist.get_world_size() > 1:
+        with contextlib.suppress(Exception):  # a peer gone or elsewhere (a failure path): do not wait for it
+            dist.barrier(async_op=True).wait(datetime.timedelta(seconds=10))
+    dist.destroy_process_group()
 
 
 @dataclass(frozen=True)

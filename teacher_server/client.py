@@ -33,6 +33,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import grpc.aio
@@ -65,6 +66,7 @@ from teacher_server.client_policy import (
     error_from_rpc,
     service_config,
 )
+from teacher_server.security import ClientSecurity
 
 __all__ = [
     "AsyncTeacherClient",
@@ -86,7 +88,11 @@ class AsyncTeacherClient:
 
     targets: one `host:port` or gRPC URI (e.g. `dns:///teacher-headless:50051`), or several `host:port`.
     max_retries: retries per call (gRPC caps attempts at 5); backoff_base_s / backoff_max_s: the retry
-    backoff (randomized by gRPC)."""
+    backoff (randomized by gRPC). `security` keywords (teacher_server/security.py, ClientSecurity.build):
+    tls_ca (the CA of the servers' certificates; TLS is on when it or tls_cert is set), tls_cert + tls_key
+    (this client's certificate, for mutual TLS), tls_server_name (the name the servers' certificates carry,
+    when it is not the target's host), auth_token_file / auth_token_env (the bearer token, from a file or
+    from the environment variable of that name); files are read here, once."""
 
     def __init__(
         self,
@@ -98,9 +104,12 @@ class AsyncTeacherClient:
         backoff_max_s: float = 2.0,
         max_message_bytes: int = 256 * 1024 * 1024,
         keepalive_s: float = 60.0,
+        **security: str | Path | None,
     ):
         self.targets = [targets] if isinstance(targets, str) else list(targets)
         self.target = channel_target(self.targets)
+        self._security = ClientSecurity.build(**security, target=self.target)
+        self._metadata = self._security.metadata  # the token, when it cannot travel as call credentials
         self.timeout_s = timeout_s
         config = service_config(max_retries, backoff_base_s, backoff_max_s)
         self._options = channel_options(max_message_bytes, keepalive_s, config)
@@ -112,7 +121,7 @@ class AsyncTeacherClient:
     @property
     def stub(self) -> pb_grpc.TeacherStub:
         if self._stub is None:  # lazily: an aio channel belongs to the event loop that first uses it
-            self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
+            self._channel = self._security.aio_channel(self.target, self._options)
             self._stub = pb_grpc.TeacherStub(self._channel)
         return self._stub
 
@@ -125,7 +134,9 @@ class AsyncTeacherClient:
     async def info(self) -> TeacherInfo:
         """GetInfo from one replica (all replicas of a client are expected to serve the same model)."""
         try:
-            return info_from_proto(await self.stub.GetInfo(pb.GetInfoRequest(), timeout=self.timeout_s))
+            return info_from_proto(
+                await self.stub.GetInfo(pb.GetInfoRequest(), timeout=self.timeout_s, metadata=self._metadata)
+            )
         except grpc.aio.AioRpcError as e:
             raise self.error(e, "GetInfo") from e
 
@@ -152,7 +163,7 @@ class AsyncTeacherClient:
     async def score_query(self, query: ScoreQuery) -> list[SequenceScores]:
         req = query.to_proto(self.new_request_id())
         try:
-            resp = await self.stub.Score(req, timeout=self.timeout_s)
+            resp = await self.stub.Score(req, timeout=self.timeout_s, metadata=self._metadata)
             results = decode_score_response(resp)
         except grpc.aio.AioRpcError as e:
             raise self.error(e, "Score") from e
@@ -196,7 +207,7 @@ class AsyncTeacherClient:
         """generate() as it happens: GenerateChunk items (new tokens of one (prompt, sample)), the last one of
         each sample `finished`. Closing the iterator early cancels the call (the server stops its work)."""
         req = generate_request(prompts, **options, request_id=self.new_request_id())
-        call = self.stub.Generate(req, timeout=self.timeout_s)
+        call = self.stub.Generate(req, timeout=self.timeout_s, metadata=self._metadata)
         try:
             async for msg in call:
                 yield decode_generate_chunk(msg)
@@ -282,7 +293,7 @@ class _ScoreStreamRun:
 
     def _submit(self, query: ScoreQuery) -> None:
         if self.call is None:
-            self.call = self.c.stub.ScoreStream()
+            self.call = self.c.stub.ScoreStream(metadata=self.c._metadata)
             self.tasks = [asyncio.create_task(self._write()), asyncio.create_task(self._read())]
         req = query.to_proto(self.c.new_request_id())
         self.pending[req.request_id] = _Pending(
@@ -293,6 +304,10 @@ class _ScoreStreamRun:
 
     async def _write(self) -> None:
         try:
+            # A write racing the server's refusal of the call (a missing token, draining) makes grpc.aio
+            # report INTERNAL "Internal error from Core" instead of the refusal
+            # (https://github.com/grpc/grpc/issues/36066): wait until the call is established first.
+            await self.call.wait_for_connection()
             while (req := await self.outbox.get()) is not None:
                 await self.call.write(req)
             await self.call.done_writing()

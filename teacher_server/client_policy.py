@@ -179,7 +179,8 @@ class InvalidRequestError(TeacherError):
 
 
 class TeacherUnavailableError(TeacherError):
-    """UNAVAILABLE on every attempt (every replica down, loading or draining)."""
+    """UNAVAILABLE on every attempt (every replica down, loading or draining); also grpc.aio's masked stream
+    failure (code INTERNAL, "Internal error from Core": a write to a stream whose peer just went away)."""
 
 
 class TeacherOverloadedError(TeacherError):
@@ -213,6 +214,8 @@ def make_error(
     metadata: Iterable[tuple[str, str | bytes]] | None = None,
 ) -> TeacherError:
     retryable = is_retryable(code, details, metadata)
+    if code == grpc.StatusCode.INTERNAL and details == _MASKED_WRITE_FAILURE:
+        return TeacherUnavailableError(code, details, address, method, retryable)  # most likely the peer left
     return _ERROR_CLASSES.get(code, TeacherError)(code, details, address, method, retryable)
 
 

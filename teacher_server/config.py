@@ -6,6 +6,7 @@ Each field's docstring is its `asymkd serve --help` text (asymkd/config.py loads
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 
@@ -122,6 +123,15 @@ class ServeConfig:
     """SIGTERM: finish in-flight requests for at most this long"""
     log_level: str = "INFO"
     """DEBUG | INFO | WARNING | ERROR"""
+    tls_cert: str = ""
+    """TLS: this server's certificate chain (PEM); with tls_key, every gRPC endpoint is served over TLS"""
+    tls_key: str = ""
+    """TLS: the private key of tls_cert (PEM)"""
+    tls_client_ca: str = ""
+    """mutual TLS: clients must present a certificate signed by this CA (PEM); needs tls_cert"""
+    auth_token_file: str = ""
+    """a file holding the bearer token every call must carry (`authorization: Bearer <token>`); health and
+    reflection stay open. Without TLS the token travels in plaintext: loopback or private networks only"""
     vllm: VLLMOptions = field(default_factory=VLLMOptions)
     """vllm backend: engine options"""
 
@@ -145,7 +155,24 @@ class ServeConfig:
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(", ".join(f"{k}={getattr(self, k)!r} is out of range" for k in bad))
+        self._check_security()
         if self.backend == "hf" and (self.tensor_parallel_size > 1 or self.pipeline_parallel_size > 1):
             raise ValueError(
                 "the hf backend runs on one device: tensor_parallel_size/pipeline_parallel_size > 1 need --backend vllm"
             )
+
+    def _check_security(self) -> None:
+        """TLS files come as a pair and exist; the token file holds one token (read again at start)."""
+        if bool(self.tls_cert) != bool(self.tls_key):
+            given, missing = ("tls_cert", "tls_key") if self.tls_cert else ("tls_key", "tls_cert")
+            raise ValueError(f"{given} needs {missing} (a certificate and its key go together)")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key (the server's own)")
+        for key in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
+            path = getattr(self, key)
+            if path and not Path(path).is_file():
+                raise ValueError(f"{key}={path!r}: no such file")
+        if self.auth_token_file:
+            from teacher_server.security import read_token_file  # grpc: only when a token is configured
+
+            read_token_file(self.auth_token_file)

@@ -4,6 +4,11 @@ Used by `asymkd run`, the integration tests and the benchmarks:
 
     with LocalTeacher(["--model", str(model_dir), "--backend", "hf"]) as teacher:
         client = TeacherClient([teacher.address])
+
+A server started with `--tls-cert/--tls-key` (and `--tls-client-ca`) is health-checked over TLS: give
+LocalTeacher the CA that signed its certificate (`tls_ca`) and, for mutual TLS, a client certificate
+(`tls_cert`, `tls_key`); `tls_server_name` when the certificate names another host than `host`. Health
+needs no token, so `--auth-token-file` needs nothing here.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from teacher_server.security import ClientSecurity
+
 log = logging.getLogger("asymkd.launch")
 SERVICE_NAME = "asymkd.v1.Teacher"
 
@@ -31,10 +38,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def health_status(address: str, service: str = "", timeout_s: float = 2.0) -> int | None:
-    """The server's health status for `service` (a HealthCheckResponse enum), or None when unreachable."""
+def health_status(
+    address: str, service: str = "", timeout_s: float = 2.0, security: ClientSecurity | None = None
+) -> int | None:
+    """The server's health status for `service` (a HealthCheckResponse enum), or None when unreachable
+    (or when the TLS handshake fails). `security`: TLS credentials for a TLS server (None = plaintext)."""
     try:
-        with grpc.insecure_channel(address) as channel:
+        with (security or ClientSecurity()).channel(address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
             return reply.status
@@ -54,6 +64,10 @@ class LocalTeacher:
         start_timeout_s: float = 300.0,
         log_path: str | Path | None = None,
         env: dict[str, str] | None = None,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        tls_server_name: str | None = None,
     ):
         self.host = host
         self.port = port or free_port(host)
@@ -61,6 +75,9 @@ class LocalTeacher:
         self.start_timeout_s = start_timeout_s
         self.log_path = Path(log_path) if log_path else None
         self.env = env
+        self.security = ClientSecurity.build(
+            tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, tls_server_name=tls_server_name
+        )
         self.proc: subprocess.Popen | None = None
         self._log_file = None
 
@@ -93,7 +110,8 @@ class LocalTeacher:
                     f"teacher server exited with code {self.proc.returncode} during start-up"
                     + (f" (log: {self.log_path})" if self.log_path else "")
                 )
-            if health_status(self.address, SERVICE_NAME) == health_pb2.HealthCheckResponse.SERVING:
+            status = health_status(self.address, SERVICE_NAME, security=self.security)
+            if status == health_pb2.HealthCheckResponse.SERVING:
                 return
             time.sleep(0.25)
         self.stop()

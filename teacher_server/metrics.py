@@ -9,6 +9,7 @@ Tokens per second: `rate(asymkd_teacher_tokens_scored_total[1m])`.
 
 from __future__ import annotations
 
+import errno
 import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -62,8 +63,13 @@ class Metrics:
         self.queue_depth.set(depth)
 
     def serve(self, host: str, port: int) -> int:
-        """Start the /metrics HTTP endpoint on a daemon thread; returns the bound port."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        """Start the /metrics HTTP endpoint on a daemon thread; returns the bound port. OSError naming the
+        address (`cannot listen on HOST:PORT (--metrics-port): the port is taken (...)`) when it cannot bind."""
+        try:
+            server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as e:
+            reason = f"the port is taken ({e})" if e.errno == errno.EADDRINUSE else str(e)
+            raise OSError(f"cannot listen on {host}:{port} (--metrics-port): {reason}") from None
         bound = server.server_address[1]
         log.info("metrics on http://%s:%d/metrics", host, bound)
         return bound

@@ -8,15 +8,22 @@
 Start-up, in order: config -> health NOT_SERVING -> gRPC server listening (health answers NOT_SERVING while
 the model loads) -> backend load + warm-up -> health SERVING. SIGTERM/SIGINT: health NOT_SERVING ->
 in-flight requests finish (at most `drain_timeout_s`) -> backend closed -> exit 0. Exit 2 on a bad config,
-1 when the model cannot be loaded.
+1 when the model cannot be loaded or a port cannot be listened on (one line naming it: the gRPC port is bound
+exclusively, so a second server on a served port is refused instead of sharing its clients).
+
+Security (teacher_server/security.py): `--tls-cert/--tls-key` serve every gRPC endpoint over TLS,
+`--tls-client-ca` also requires client certificates (mutual TLS), `--auth-token-file` requires the bearer
+token on every call but health and reflection. The default address is 127.0.0.1 (loopback only).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
+import socket
 import sys
 from typing import TYPE_CHECKING
 
@@ -25,8 +32,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from asymkd.v1 import teacher_pb2, teacher_pb2_grpc
+from asymkd.v1 import teacher_pb2
 from teacher_server.config import ServeConfig
+from teacher_server.security import TokenAuthInterceptor, read_token_file, server_credentials
 
 if TYPE_CHECKING:  # torch-importing modules load in serve(): --help and config errors answer at once
     from teacher_server.backends.base import TeacherBackend
@@ -56,11 +64,21 @@ def configure_logging(level: str) -> None:
 
 
 def _configure_server(cfg: ServeConfig, servicer: TeacherServicer, health) -> tuple[grpc.aio.Server, int]:
+    from teacher_server.servicer import add_teacher_servicer
+
     limit = cfg.max_message_bytes + _MESSAGE_MARGIN_BYTES
+    interceptors = [TokenAuthInterceptor(read_token_file(cfg.auth_token_file))] if cfg.auth_token_file else []
     server = grpc.aio.server(
-        options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_send_message_length", limit),
+            ("grpc.max_receive_message_length", limit),
+            # gRPC binds with SO_REUSEPORT by default: a second server on a served port would start and take
+            # half of the new connections. Exclusive: a taken port is refused at start.
+            ("grpc.so_reuseport", 0),
+        ],
     )
-    teacher_pb2_grpc.add_TeacherServicer_to_server(servicer, server)
+    add_teacher_servicer(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = (
         SERVICE_NAME,
@@ -68,11 +86,50 @@ def _configure_server(cfg: ServeConfig, servicer: TeacherServicer, health) -> tu
         reflection.SERVICE_NAME,
     )
     reflection.enable_server_reflection(names, server)
+    address = f"{cfg.host}:{cfg.port}"
+    reason = bind_failure(cfg.host, cfg.port)  # gRPC's own bind error says neither why nor which port
+    if reason:
+        raise OSError(f"cannot listen on {address}: {reason}")
+    credentials = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
     try:
-        port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
     except RuntimeError as e:  # grpc raises RuntimeError when the address cannot be bound
-        raise OSError(f"cannot listen on {cfg.host}:{cfg.port} ({e})") from None
+        raise OSError(f"cannot listen on {address} ({e})") from None
     return server, port
+
+
+def bind_failure(host: str, port: int) -> str | None:
+    """Why (host, port) cannot be listened on ("the port is taken (...)"), or None when it can (port 0: any
+    free port). Binds a plain socket the way gRPC does (SO_REUSEADDR, no SO_REUSEPORT) and closes it."""
+    if port == 0:
+        return None
+    try:
+        infos = socket.getaddrinfo(
+            host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError as e:
+        return f"cannot resolve {host!r} ({e})"
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(sockaddr)
+            except OSError as e:
+                taken = e.errno == errno.EADDRINUSE
+                return f"the port is taken ({e})" if taken else str(e)
+    return None
+
+
+def _security_note(cfg: ServeConfig) -> str:
+    parts = ["TLS" if cfg.tls_cert else "plaintext"]
+    if cfg.tls_client_ca:
+        parts.append("client certificates required")
+    if cfg.auth_token_file:
+        parts.append("bearer token required")
+    return ", ".join(parts)
 
 
 async def _set_health(health, status) -> None:
@@ -130,13 +187,20 @@ async def serve(cfg: ServeConfig) -> int:
         server, port = _configure_server(cfg, servicer, health)
         if cfg.metrics_port is not None:
             metrics.serve(cfg.host, cfg.metrics_port)
-    except OSError as e:  # a port in use
-        log.error("%s", e)
+    except (OSError, ValueError) as e:  # a port in use, a credential file that cannot be read
+        print(f"asymkd serve: {e}", file=sys.stderr, flush=True)
         return 1
     stop = asyncio.Event()
     _install_signal_handlers(stop)
     await server.start()
-    log.info("listening on %s:%d; loading %s (backend %s)", cfg.host, port, cfg.model, cfg.backend)
+    log.info(
+        "listening on %s:%d (%s); loading %s (backend %s)",
+        cfg.host,
+        port,
+        _security_note(cfg),
+        cfg.model,
+        cfg.backend,
+    )
     try:
         backend = build_backend(cfg)
         ready = await _load(backend, stop)

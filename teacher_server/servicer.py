@@ -8,6 +8,10 @@ signal the backend lacks (UnsupportedSignal / NotImplementedError) -> UNIMPLEMEN
 logged with its traceback -> INTERNAL. A client that goes away cancels its work and is logged at DEBUG.
 A refusal no retry can fix (request over --max-request-tokens, response over the message limit) also sets
 the trailing metadata ("asymkd-retryable", "false"); a full queue does not (it is worth retrying).
+Bytes that are not a valid request message are the caller's mistake too: the methods are registered with
+request deserializers that never raise (`add_teacher_servicer`); what did not parse arrives as an
+`Undecodable` and is answered INVALID_ARGUMENT (`request: not a valid asymkd.v1.ScoreRequest (...)`; on
+ScoreStream `stream message N: ...`, N counted from 0), where gRPC's own deserializer failure gave UNKNOWN.
 
 ScoreStream: requests are read as they arrive and worked on concurrently (at most `max_stream_inflight`
 per stream, unsent results included; reading pauses beyond it, which back-pressures the client). Responses
@@ -28,9 +32,11 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import grpc
+from google.protobuf import message_factory
 
 from asymkd.contract import SequenceScores
 from asymkd.v1 import teacher_pb2 as pb
@@ -51,6 +57,62 @@ from teacher_server.validation import (
 )
 
 log = logging.getLogger("asymkd.teacher.servicer")
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """A request message that did not parse: the type it should have been and the parser's error."""
+
+    type_name: str
+    error: str
+
+    def refusal(self, where: str = "request") -> RequestError:
+        return invalid(where, f"not a valid {self.type_name} ({self.error})")
+
+
+def _decoder(message_class) -> Callable[[bytes], object]:
+    """A request deserializer that never raises: a message, or an Undecodable the handler refuses."""
+    name = message_class.DESCRIPTOR.full_name
+
+    def decode(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except Exception as e:  # DecodeError, or whatever the parser raises on hostile bytes
+            return Undecodable(name, str(e) or type(e).__name__)
+
+    return decode
+
+
+def _checked(request, where: str = "request"):
+    if isinstance(request, Undecodable):
+        raise request.refusal(where)
+    return request
+
+
+_HANDLER_KINDS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_teacher_servicer(servicer: TeacherServicer, server: grpc.aio.Server) -> None:
+    """What the generated `add_TeacherServicer_to_server` does, with request deserializers that never raise
+    (built from the service descriptor with grpc's own handler factories)."""
+    service = pb.DESCRIPTOR.services_by_name["Teacher"]
+    handlers = {}
+    for method in service.methods:
+        request_class = message_factory.GetMessageClass(method.input_type)
+        response_class = message_factory.GetMessageClass(method.output_type)
+        make = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=_decoder(request_class),
+            response_serializer=response_class.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 def status_of(exc: BaseException, rpc: str) -> tuple[grpc.StatusCode, str]:
@@ -136,6 +198,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
 
     async def GetInfo(self, request: pb.GetInfoRequest, context) -> pb.TeacherInfo:
         async with self._call("GetInfo", context):
+            _checked(request)
             backend, _, limits = self._ready()
             info = dataclasses.replace(
                 backend.info,
@@ -157,7 +220,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
 
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
         async with self._call("Score", context):
-            params, scores = await self._score(request, self.cfg.max_message_bytes)
+            params, scores = await self._score(_checked(request), self.cfg.max_message_bytes)
             response = pb.ScoreResponse(
                 request_id=request.request_id,
                 results=[scores_to_proto(s, i) for i, s in enumerate(scores)],
@@ -186,7 +249,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
         async with self._call("Generate", context):
             backend, _, limits = self._ready()
-            prompts, params = parse_generate_request(request, limits)
+            prompts, params = parse_generate_request(_checked(request), limits)
             chunks = backend.generate(prompts, params)
             # aclosing: a client that goes away closes the backend's generator, which stops its work.
             async with _aclosing(chunks):
@@ -248,9 +311,11 @@ class _StreamSession:
 
     async def _read(self) -> None:
         try:
+            position = -1
             async for request in self.requests:
+                position += 1
                 await self.slots.acquire()
-                rid = request.request_id
+                rid = _checked(request, f"stream message {position}").request_id
                 if self.servicer.draining:
                     raise _shutting_down(f"request {rid!r} was not started; send it to another replica")
                 if not rid:

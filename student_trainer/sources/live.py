@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 
 from asymkd.wire import ScoreQuery
-from student_trainer.config import DistillSection, TeacherSection
+from student_trainer.config import DistillSection, TeacherSection, client_options
 from student_trainer.sources.base import MicroBatch, StudentSide
 from student_trainer.sources.common import TeacherUnreachableError, negotiate, scatter_scores, score_from_rows
 from teacher_server.client import AsyncTeacherClient, TeacherError
@@ -175,8 +175,7 @@ class TeacherFeed:
     async def _main(self) -> None:
         self._loop, self._task = asyncio.get_running_loop(), asyncio.current_task()
         self._slots, self._lock = asyncio.Semaphore(self.teacher.prefetch), asyncio.Lock()
-        t = self.teacher
-        self._client = self._factory(self._targets, timeout_s=t.timeout_s, max_retries=t.max_retries)
+        self._client = self._factory(self._targets, **client_options(self.teacher))
         try:
             await self._handshake_until_up()
             async with asyncio.TaskGroup() as group:

@@ -13,13 +13,15 @@ Tail mass on this route is *derived*: vLLM returns only the top-k, so tail = log
 log(-expm1(logsumexp(top-k logprobs))) in float64. Its absolute error in probability is that of the top-k
 probabilities themselves (vLLM's fp32 log-softmax; measured within 1.3e-6 of the hf backend in the tests),
 so the log-tail is within 1e-4 of the exact value only while the tail mass is ≳ 1e-2; for peaked rows
-(mass ~1e-5) it was off by up to 0.04 in the tests, and by more for smaller masses. The pooling runner
-computes the tail exactly (summed over the rest of the full row, scoring.topk_with_tail).
+(mass ~1e-5) it was off by up to 0.04 in the tests, and by more for smaller masses. Where rounding leaves no
+mass at all, the tail is clamped to the smallest float32 mass (derived_tail), never -inf. The pooling
+runner computes the tail exactly (summed over the rest of the full row, scoring.topk_with_tail).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -107,11 +109,25 @@ def sample_logprob_tensors(flat, num_tokens: int, width: int) -> tuple[torch.Ten
     return ids, lps
 
 
+# The smallest mass a float32 probability carries as a normal number: exp() of the clamped tail stays > 0
+# in float32, so a loss that takes log(p) or divides by p never sees -inf or 0 from the tail.
+_MIN_TAIL_LOGPROB = math.log(torch.finfo(torch.float32).tiny)  # ≈ -87.34
+
+
 def derived_tail(top_logprobs: torch.Tensor) -> torch.Tensor:
-    """(R, k) top-k logprobs -> (R,) log(1 - Σ exp), -inf where the top-k hold all the mass (see module doc)."""
+    """(R, k) top-k logprobs -> (R,) float64 log of the mass outside the top-k, log(1 - Σ exp(top)).
+
+    Computed in float64 from the log-probs as log(-expm1(logsumexp(top))): no `1 - Σp` cancellation, so a
+    small tail keeps its digits. vLLM's fp32 log-softmax can still leave the top-k holding all the mass (a
+    top-1 log-prob that rounds to 0.0, or Σp rounded to just over 1), where the tail would be log(0) = -inf
+    and reverse KL or JSD at β=1 (which weigh log(teacher)) would make the loss +inf and the gradients NaN.
+    There, and wherever the tail is below it, the tail is clamped to the smallest mass float32 carries as a
+    normal number, log(finfo(float32).tiny) ≈ -87.34: rounding has lost the true tail (at most ~6e-8 after an
+    fp32 log-prob of 0.0), and this is the least mass a finite float32 loss can be computed from.
+    """
     lse = torch.logsumexp(top_logprobs.double(), dim=-1)
-    mass = -torch.expm1(lse)  # 1 - Σ p, accurate when Σ p is close to 1
-    return torch.where(mass > 0, torch.log(mass.clamp_min(1e-300)), torch.full_like(mass, float("-inf")))
+    mass = -torch.expm1(lse)  # 1 - Σ p, accurate when Σ p is close to 1; <= 0 when rounding ate the tail
+    return torch.log(mass.clamp_min(math.exp(_MIN_TAIL_LOGPROB)))
 
 
 def scores_from_prompt_logprobs(

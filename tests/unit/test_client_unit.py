@@ -277,6 +277,9 @@ def test_grpc_masked_stream_write_failures_may_be_sent_again():
     # https://github.com/grpc/grpc/issues/36066: the real status is lost; a bad request fails again anyway
     assert is_retryable(Code.INTERNAL, "Internal error from Core")
     assert not is_retryable(Code.INTERNAL, "teacher error (KeyError); see the server log")
+    # raised as the peer-gone error it most likely is (a stream whose replica was killed hits it at random)
+    masked = error_from_rpc(_rpc_error(Code.INTERNAL, "Internal error from Core"), "h:1", "ScoreStream")
+    assert isinstance(masked, TeacherUnavailableError) and masked.retryable and masked.code == Code.INTERNAL
 
 
 def _rpc_error(code: Code, details: str = "boom", trailing=()) -> grpc.aio.AioRpcError:

@@ -24,6 +24,7 @@ def stops(monkeypatch):
 
 
 def test_the_first_signal_only_asks_and_a_quick_repeat_is_the_same_request(stops):
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN in a background job
     stop = StopRequest(grace_s=30.0)
     with stop.installed():
         os.kill(os.getpid(), signal.SIGINT)
@@ -32,7 +33,7 @@ def test_the_first_signal_only_asks_and_a_quick_repeat_is_the_same_request(stops
         os.kill(os.getpid(), signal.SIGINT)  # torchrun's forward of the same Ctrl-C
         time.sleep(0.05)
         assert not stops
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored afterwards
+    assert signal.getsignal(signal.SIGINT) is before  # restored afterwards
 
 
 def test_a_later_second_signal_stops_at_once(stops, monkeypatch):
@@ -64,7 +65,7 @@ def test_a_stop_in_time_cancels_the_grace_timer(stops):
 
 
 def test_outside_the_main_thread_nothing_is_installed():
-    seen = []
+    seen, before = [], signal.getsignal(signal.SIGTERM)
 
     def worker():
         with StopRequest(grace_s=1.0).installed() as stop:
@@ -73,7 +74,7 @@ def test_outside_the_main_thread_nothing_is_installed():
     t = threading.Thread(target=worker)
     t.start()
     t.join()
-    assert seen == [0] and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert seen == [0] and signal.getsignal(signal.SIGTERM) is before
 
 
 def test_interrupted_exits_with_128_plus_the_signal():

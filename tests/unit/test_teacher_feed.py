@@ -216,17 +216,28 @@ def test_gives_up_after_the_retry_deadline():
     assert time.monotonic() - t0 < 10
 
 
-def test_a_teacher_that_never_comes_up_is_named_at_the_connect_deadline_in_one_line_per_state(
-    caplog, monkeypatch
-):
-    monkeypatch.setattr(logging.getLogger("asymkd"), "propagate", True)  # a trainer run may have set it off
+class ListHandler(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_a_teacher_that_never_comes_up_is_named_at_the_connect_deadline_in_one_line_per_state():
+    handler, feed_log = ListHandler(), logging.getLogger("asymkd.student.feed")
+    feed_log.addHandler(handler)  # whatever another test did to the `asymkd` loggers' handlers
     teacher = StandInTeacher(fail_info=set(range(1000)))
     t0 = time.monotonic()
-    with pytest.raises(TeacherUnreachableError, match=r"at 127\.0\.0\.1:1 .*connect_timeout_s=0\.3\)"):
-        run_feed(teacher, 2, connect_s=0.3)
+    try:
+        with pytest.raises(TeacherUnreachableError, match=r"at 127\.0\.0\.1:1 .*connect_timeout_s=0\.3\)"):
+            run_feed(teacher, 2, connect_s=0.3)
+    finally:
+        feed_log.removeHandler(handler)
     assert time.monotonic() - t0 < 10 and teacher.info_calls >= 3  # retried, within the bound
-    waits = [r for r in caplog.records if "waiting for the teacher" in r.getMessage()]
-    assert len(waits) == 1  # the same failure again is not logged again
+    waits = [m for m in handler.messages if "waiting for the teacher" in m]
+    assert len(waits) == 1, handler.messages  # the same failure again is not logged again
 
 
 def test_backpressure_reads_at_most_prefetch_batches_ahead():
