@@ -28,12 +28,15 @@ if TYPE_CHECKING:
     from student_trainer.config import CacheWriteConfig, TrainConfig
     from teacher_server.config import ServeConfig
 
-CACHE_USAGE = """usage: asymkd cache write --config train.yaml --out DIR [--shard-rows N] [--section.key value ...]
-       asymkd cache info DIR
+CACHE_USAGE = """usage: asymkd cache write --config train.yaml --out DIR [--encoding NAME] [--section.key value ...]
+       python -m asymkd.torchrun --nproc_per_node=N -m asymkd.cli cache write ...   (N ranks)
+       asymkd cache info DIR [--json]
 
-  write   score every packed training row of the config once through teacher.targets; store the top-k
-          answers in DIR (`asymkd cache write --help` lists every key)
-  info    print what the cache in DIR holds (its manifest)"""
+  write   score every packed training row of the config once through its teacher (teacher.targets,
+          teacher.in_process, or teacher.cache to re-encode) and store the answers in DIR; the same command
+          again resumes an interrupted write (`asymkd cache write --help` lists every key and encoding)
+  info    what the cache in DIR holds: rows, tokens, bytes per token, encoding, teacher, data;
+          --json prints the manifest"""
 
 
 # ------------------------------------------------------------------------------------------------ serve
@@ -124,29 +127,38 @@ def cache(argv: list[str]) -> int:
 
 
 def _cache_write(cfg: CacheWriteConfig) -> int:
-    from student_trainer.cache import write_cache
+    """0 when every shard and the manifest are written; 128 + the signal after SIGINT/SIGTERM (the shards
+    written are kept: the same command continues)."""
+    from student_trainer.cache import WriteInterrupted, write_cache
     from student_trainer.observability import setup_logging
 
-    setup_logging(0)
-    m = write_cache(cfg)
-    shards, secs = len(m["shards"]), m["seconds"]
-    print(f"wrote {m['rows']} rows (top_k {m['top_k']}) in {shards} shards to {cfg.out} ({secs} s)")
+    setup_logging(int(os.environ.get("RANK", "0")))
+    try:
+        m = write_cache(cfg)
+    except WriteInterrupted as e:
+        print(f"asymkd cache write: {e}", file=sys.stderr)
+        return e.exit_code
+    if m.get("complete"):
+        print(f"wrote {m['rows']} rows, {m['tokens']} tokens ({m['encoding']}, {m['bytes_per_token']} B/token) "
+              f"in {len(m['shards'])} shards to {cfg.out} ({m['writer']['seconds']} s)")  # fmt: skip
     return 0
 
 
 def _cache_info(args: list[str]) -> int:
     from pathlib import Path
 
+    as_json = "--json" in args
+    folders = [a for a in args if a != "--json"]
     try:
-        if len(args) != 1 or args[0].startswith("-"):
-            raise ConfigError(f"`asymkd cache info` takes one folder, got {args}")
-        from student_trainer.cache import read_manifest
+        if len(folders) != 1 or folders[0].startswith("-"):
+            raise ConfigError(f"`asymkd cache info` takes one folder (and --json), got {args}")
+        from student_trainer.cache import describe, summarize
 
-        manifest = read_manifest(Path(args[0]))
+        summary = summarize(Path(folders[0]))
     except ConfigError as e:
         print(f"asymkd cache info: config error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(manifest | {"shards": len(manifest["shards"])}, indent=2))
+    print(json.dumps(summary, indent=2) if as_json else describe(summary))
     return 0
 
 

@@ -2,6 +2,7 @@
 
     from asymkd.contract import Signal, TeacherInfo, SequenceScores, GenerateChunk, GeneratedSample
     info.signals          # (Signal.TOP_K, ...)      the teacher's facts: GetInfo on the client, a backend's own
+    info.id_encodings, info.data_planes, info.output_layer   # what the server offers beyond the signals
     s = SequenceScores(ids=..., logprobs=..., tail_logprob=...)   # one sequence's rows, client or engine side
     tokenizer_hash(model_dir)                        # the fingerprint teacher and student compare
 
@@ -46,6 +47,47 @@ class Signal(enum.IntEnum):
     HIDDEN = pb.HIDDEN
 
 
+class IdEncoding(enum.IntEnum):
+    """How ids and counts travel (the proto's `IdEncoding`): int32, or packed to ceil(log2 V) bits."""
+
+    INT32_IDS = pb.INT32_IDS
+    PACKED_IDS = pb.PACKED_IDS
+
+
+class DataPlane(enum.IntEnum):
+    """Where FULL / HIDDEN rows travel (the proto's `DataPlane`): in gRPC messages, or over a torch pair group."""
+
+    GRPC = pb.GRPC
+    TORCH = pb.TORCH
+
+
+@dataclass(frozen=True)
+class DataPlaneOffer:
+    """An OpenDataPlane answer (the proto's `DataPlaneOffer`): join the TCPStore at store_host:store_port
+    (store_host "" = the host the gRPC server was reached at) as rank 1 of session `session`, then answer the
+    challenge with `token`; good for one rendezvous within timeout_s."""
+
+    session: str
+    store_host: str
+    store_port: int
+    token: bytes
+    backend: str
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class OutputLayerInfo:
+    """The teacher's output layer as GetOutputLayer serves it (the proto's `OutputLayerInfo`): logits =
+    softcap·tanh(scale·(h @ W.T + b) / softcap) (no tanh when softcap is 0); `fingerprint` = blake2b-128 of the
+    bytes sent with these extras (asymkd.wire.output_layer_fingerprint)."""
+
+    fingerprint: str = ""
+    dtype: str = ""
+    logit_scale: float = 1.0
+    logit_softcap: float = 0.0
+    has_bias: bool = False
+
+
 @dataclass(frozen=True)
 class TeacherInfo:
     """A teacher's facts (the proto's `TeacherInfo`; every field has the proto's default).
@@ -69,6 +111,10 @@ class TeacherInfo:
     tokenizer_vocab_size: int = 0
     max_request_tokens: int = 0
     max_message_bytes: int = 0
+    value_dtypes: tuple[int, ...] = ()  # proto DType values accepted as ScoreRequest.value_dtype
+    id_encodings: tuple[IdEncoding, ...] = ()
+    data_planes: tuple[DataPlane, ...] = ()
+    output_layer: OutputLayerInfo | None = None
     note: str = ""
 
 
@@ -77,8 +123,9 @@ class SequenceScores:
     """Teacher signal for one sequence, R rows (R = L-1-score_from; row t predicts token t+1); absent fields
     are None.
 
-    ids (R, k) (TOP_K; SAMPLED ids, -1 padded); logprobs (R, k) (TOP_K, AT_IDS); tail_logprob (R,) = log of
-    the mass outside the top-k; target_logprob (R,); full (R, V); hidden (R, H); counts (R, m) (SAMPLED).
+    ids (R, k) (TOP_K; SAMPLED ids, -1 padded); logprobs (R, k) (TOP_K, AT_IDS, SAMPLED: -inf on padding);
+    tail_logprob (R,) = log of the mass outside the top-k (AT_IDS: outside the asked ids); target_logprob (R,);
+    full (R, V); hidden (R, H); counts (R, m) (SAMPLED).
     Values in the request's value dtype. Integer fields travel as int32; the client widens ids to int64
     (ready for torch.gather), a backend may hand over int32."""
 

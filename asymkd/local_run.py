@@ -8,16 +8,25 @@ The YAML has two sections, each the config of one command, plus a few keys of th
 
     serve:   {model: default, backend: hf, max_top_k: 64}      # `asymkd serve` keys; host/port are chosen here
     train:   {model: {tokenizer: teacher, ...}, data: ..., distill: ..., run: {steps: 300, out_dir: runs/demo}}
+    regime: cache              # live | cache (below)
     nproc_per_node: 1          # student ranks: 1 = in this process, N = torchrun --standalone (gloo on CPU)
-    compare_ce_only: true      # also train a CE-only student (same steps, data, seed) and compare
+    compare_ce_only: true      # also train a CE-only student on the same data and compare
 
-Order: start the teacher (`LocalTeacher`: a child process on a free loopback port, SERVING before we go on),
-fill `train.teacher.targets` with its address, train the distilled student in `<out_dir>/kd` (held-out CE,
-export to `<out_dir>/kd/final`), score the held-out rows with the teacher itself (its CE: the bound the
-student moves toward), stop the teacher, then (compare_ce_only) train the CE-only student in
-`<out_dir>/ce_only` (with `teacher_threads + student_threads` threads when both are set: the same cores the
-distilled run used). Prints a table (held-out CE, steps, wall-clock, samples/s, teacher wait) and writes it
-to `<out_dir>/comparison.json`. `model.tokenizer: teacher` means the teacher's own tokenizer folder.
+Two regimes, each compared the way it is fair:
+- `live`: the teacher serves while the distilled student trains (train.teacher.targets = the local teacher),
+  and the CE-only student then trains the same steps, rows and seed: a comparison at **equal steps**.
+- `cache`: the data-limited regime, where distillation pays. The teacher scores the training rows once into an
+  offline cache (`<out_dir>/cache`) and stops; the distilled student trains from the cache, for as many epochs
+  as run.steps takes; the CE-only student then trains for **the same wall-clock**: the teacher's whole time
+  (start, cache write, stop) plus the distilled student's training loop (`run.max_seconds`). All of the
+  teacher's time is charged to distillation.
+
+Each student trains in `<out_dir>/kd` or `<out_dir>/ce_only` (the run owns them: a second run replaces them),
+with held-out evaluations every run.eval_every steps. The teacher's own held-out CE is reported as the bound
+the student moves toward. Prints a table (held-out CE, steps, wall seconds, samples/s, teacher seconds) and
+the comparison, and writes `<out_dir>/comparison.json` and `<out_dir>/comparison.png` (held-out CE against
+wall-clock for both students; needs matplotlib). `model.tokenizer: teacher` means the teacher's own tokenizer
+folder. With `teacher_threads` and `student_threads` both set, a process that runs alone gets both.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from asymkd.config import dump_config
 from student_trainer.config import TrainConfig, client_options
@@ -46,13 +55,16 @@ class RunConfig:
     """Embedded default: a local teacher server + the student on one machine, then a comparison table."""
 
     train: TrainConfig
-    """`asymkd train` keys; teacher.targets is filled with the local teacher's address"""
+    """`asymkd train` keys; the teacher source is filled in by the run"""
     serve: ServeConfig = field(default_factory=ServeConfig)
     """`asymkd serve` keys of the local teacher (host/port are chosen by the run)"""
+    regime: Literal["live", "cache"] = "live"
+    """live: the teacher serves while the student trains, compared at equal steps; cache: the teacher scores
+    the training rows once into an offline cache, compared at equal wall-clock with its time charged to KD"""
     nproc_per_node: int = 1
     """student ranks; > 1 runs the student under torchrun --standalone"""
     compare_ce_only: bool = False
-    """also train the CE-only baseline (same steps, data, seed)"""
+    """also train the CE-only baseline (same data and seed; equal steps or equal wall-clock, by regime)"""
     teacher_reference: bool = True
     """report the teacher's own held-out CE (same rows as the student's eval)"""
     teacher_threads: int = 0
@@ -69,6 +81,12 @@ class RunConfig:
             raise ValueError(
                 f"teacher_threads={self.teacher_threads} / student_threads={self.student_threads} must be >= 0"
             )
+
+    @property
+    def all_threads(self) -> int:
+        """Threads for a process that runs alone (0 = the library default)."""
+        both = self.teacher_threads and self.student_threads
+        return self.teacher_threads + self.student_threads if both else 0
 
 
 def teacher_model_dir(serve: ServeConfig) -> Path:
@@ -87,27 +105,34 @@ def with_teacher_tokenizer(train: TrainConfig, teacher_dir: Path) -> TrainConfig
     return dataclasses.replace(train, model=dataclasses.replace(model, **changes)) if changes else train
 
 
-def variant(train: TrainConfig, out_dir: Path, targets: list[str], *, export: bool = True) -> TrainConfig:
-    """One student of the run in its own folder under out_dir; the run owns those folders, so a second
-    `asymkd run` replaces them (run.overwrite)."""
+def variant(
+    train: TrainConfig, out_dir: Path, teacher: dict, *, export: bool = True, **run: Any
+) -> TrainConfig:
+    """One student of the run in its own folder under out_dir, with the teacher source `teacher` (targets /
+    cache keys; none = CE only); the run owns those folders, so a second `asymkd run` replaces them."""
+    source = {"targets": [], "cache": "", "in_process": None} | teacher
     return dataclasses.replace(
         train,
-        teacher=dataclasses.replace(train.teacher, targets=targets),
-        run=dataclasses.replace(train.run, out_dir=str(out_dir), overwrite=True),
+        teacher=dataclasses.replace(train.teacher, **source),
+        run=dataclasses.replace(train.run, out_dir=str(out_dir), overwrite=True, **run),
         checkpoint=dataclasses.replace(train.checkpoint, export=export and train.checkpoint.export),
     )
 
 
 # ---------------------------------------------------------------------------------------------- students
-def train_student(cfg: RunConfig, train: TrainConfig) -> dict[str, Any]:
-    """Train one student (in this process, or under torchrun); its summary + figures from metrics.jsonl."""
-    out = Path(train.run.out_dir)
+def train_student(train: TrainConfig, nproc: int, threads: int) -> dict[str, Any]:
+    """Train one student (in this process, or under torchrun): its summary (summary.json), the process's wall
+    seconds, and its held-out curve [(training-loop seconds, held-out CE), ...] from metrics.jsonl."""
     t0 = time.perf_counter()
-    if cfg.nproc_per_node == 1:
-        summary = _train_in_process(train, cfg.student_threads)
+    if nproc == 1:
+        summary = _train_in_process(train, threads)
     else:
-        summary = _train_torchrun(train, cfg.nproc_per_node, cfg.student_threads)
-    return summary | {"wall_s": time.perf_counter() - t0} | run_figures(out / train.metrics.jsonl)
+        summary = _train_torchrun(train, nproc, threads)
+    records = [
+        json.loads(x) for x in (Path(train.run.out_dir) / train.metrics.jsonl).read_text().splitlines()
+    ]
+    curve = [(r["elapsed_s"], r["eval_loss"]) for r in records if r["kind"] == "eval"]
+    return summary | {"wall_s": time.perf_counter() - t0, "curve": curve}
 
 
 def _train_in_process(train: TrainConfig, threads: int) -> dict[str, Any]:
@@ -125,12 +150,12 @@ def _train_in_process(train: TrainConfig, threads: int) -> dict[str, Any]:
         finally:
             trainer.close()
     finally:
-        destroy_distributed()  # the CE-only run builds its own 1-rank group
+        destroy_distributed()  # the next student builds its own 1-rank group
 
 
 def _train_torchrun(train: TrainConfig, nproc: int, threads: int) -> dict[str, Any]:
     out = Path(train.run.out_dir)
-    config = out / "train.yaml"
+    config = out.parent / f"{out.name}.yaml"
     dump_config(train, config)
     cmd = [sys.executable, "-m", "asymkd.torchrun", "--standalone", f"--nproc_per_node={nproc}"]
     cmd += ["-m", "asymkd.cli", "train", "--config", str(config)]
@@ -142,36 +167,29 @@ def _train_torchrun(train: TrainConfig, nproc: int, threads: int) -> dict[str, A
     return json.loads((out / "summary.json").read_text())
 
 
-def run_figures(metrics_path: Path) -> dict[str, Any]:
-    """Samples, training-loop time and teacher wait summed over the steps of a metrics.jsonl."""
-    steps = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    steps = [r for r in steps if r.get("kind") == "train"]
-    train_s = sum(r["step_time_s"] for r in steps)
-    samples = sum(len(r["sample_ids"]) for r in steps)
-    wait_s = sum(r.get("teacher_wait_ms", 0.0) for r in steps) / 1e3
-    return {
-        "steps": len(steps),
-        "samples": samples,
-        "train_s": train_s,
-        "samples_per_s": samples / max(train_s, 1e-9),
-        "teacher_wait_s": wait_s,
-    }
-
-
 # ----------------------------------------------------------------------------------------------- teacher
-def start_teacher(cfg: RunConfig, out: Path):
+def start_teacher(cfg: RunConfig, out: Path, threads: int):
     from teacher_server.launch import LocalTeacher
 
     serve_yaml = out / "serve.yaml"
     dump_config(cfg.serve, serve_yaml)
-    env = {"OMP_NUM_THREADS": str(cfg.teacher_threads)} if cfg.teacher_threads else None
     return LocalTeacher(
         ["--config", str(serve_yaml)],
         host=cfg.serve.host,
         log_path=out / "teacher.log",
-        env=env,
+        env={"OMP_NUM_THREADS": str(threads)} if threads else None,
         start_timeout_s=cfg.teacher_start_timeout_s,
     )
+
+
+def write_teacher_cache(train: TrainConfig, address: str, folder: Path) -> dict[str, Any]:
+    """Every training row scored once by the teacher at `address` into the offline cache in `folder`."""
+    from student_trainer.cache import write_cache
+    from student_trainer.config import CacheWriteConfig
+
+    sections = {f.name: getattr(train, f.name) for f in dataclasses.fields(TrainConfig)}
+    sections["teacher"] = dataclasses.replace(train.teacher, targets=[address], cache="", in_process=None)
+    return write_cache(CacheWriteConfig(**sections, out=str(folder)))
 
 
 def teacher_heldout_ce(address: str, train: TrainConfig, nproc: int) -> float | None:
@@ -208,45 +226,73 @@ def teacher_heldout_ce(address: str, train: TrainConfig, nproc: int) -> float | 
     return total / max(count, 1)
 
 
-# ------------------------------------------------------------------------------------------------ report
-def format_table(rows: list[dict[str, Any]], teacher_ce: float | None) -> str:
-    head = f"{'student':<16}{'held-out CE':>12}{'steps':>7}{'samples':>9}{'train s':>9}{'wall s':>8}"
-    head += f"{'samples/s':>11}{'teacher wait s':>16}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        ce = r.get("eval_loss")
-        lines.append(
-            f"{r['name']:<16}{'-' if ce is None else f'{ce:.4f}':>12}{r['steps']:>7}{r['samples']:>9}"
-            f"{r['train_s']:>9.1f}{r['wall_s']:>8.1f}{r['samples_per_s']:>11.2f}{r['teacher_wait_s']:>16.1f}"
-        )
-    if teacher_ce is not None:
-        lines.append(f"{'teacher':<16}{teacher_ce:>12.4f}   (the teacher's own CE on the same held-out rows)")
-    return "\n".join(lines)
-
-
+# --------------------------------------------------------------------------------------------------- run
 def run(cfg: RunConfig) -> dict[str, Any]:
+    """Both students of the regime, the teacher's reference, the report (module docstring)."""
+    from asymkd.run_report import equal_budget_line, format_table, plot_curves
+
     out = Path(cfg.train.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "run.yaml")
     train = with_teacher_tokenizer(cfg.train, teacher_model_dir(cfg.serve))
-    rows, teacher_ce = [], None
+    live = cfg.regime == "live"
+    t0 = time.perf_counter()
     log.info("starting the teacher (%s, %s backend); log: %s", cfg.serve.model, cfg.serve.backend, out)
-    with start_teacher(cfg, out) as teacher:
+    teacher = start_teacher(cfg, out, cfg.teacher_threads if live else cfg.all_threads).start()
+    try:
         log.info("teacher SERVING at %s", teacher.address)
-        kd = train_student(cfg, variant(train, out / "kd", [teacher.address]))
-        rows.append({"name": "distilled (KD)", **kd})
-        if cfg.teacher_reference and train.has_eval:
+        if live:  # the teacher serves while the student trains
+            kd = train_student(variant(train, out / "kd", {"targets": [teacher.address]}), cfg.nproc_per_node,
+                               cfg.student_threads)  # fmt: skip
+        else:  # the teacher's work done once: every training row scored into the cache
+            t_cache = time.perf_counter()
+            cache = write_teacher_cache(train, teacher.address, out / "cache")
+            log.info(
+                "teacher cache: %d rows in %.1f s -> %s",
+                cache["rows"],
+                time.perf_counter() - t_cache,
+                out / "cache",
+            )
+        teacher_ce = None
+        if cfg.teacher_reference and train.has_eval:  # the bound the students move toward (not charged)
+            t_ref = time.perf_counter()
             teacher_ce = teacher_heldout_ce(teacher.address, train, cfg.nproc_per_node)
-    if cfg.compare_ce_only:  # the teacher has stopped: its cores go to the baseline (same cores in all)
-        cores = (
-            cfg.student_threads + cfg.teacher_threads if cfg.student_threads and cfg.teacher_threads else 0
+            t0 += time.perf_counter() - t_ref
+    finally:
+        teacher.stop()
+    teacher_s = time.perf_counter() - t0  # start, (cache write,) stop: all charged to the distilled student
+    rows = []
+    if live:
+        teacher_s -= kd["wall_s"]  # the teacher's time that did not overlap the training
+        rows.append(
+            {"name": "distilled (KD)", **kd, "teacher_s": teacher_s, "clock_s": teacher_s + kd["train_s"]}
         )
-        ce_cfg = dataclasses.replace(cfg, student_threads=cores or cfg.student_threads)
-        ce = train_student(ce_cfg, variant(train, out / "ce_only", [], export=False))
-        rows.append({"name": "CE only", **ce})
-    report = {"runs": rows, "teacher_heldout_ce": teacher_ce, "export": str(out / "kd" / "final")}
+    else:
+        kd = train_student(variant(train, out / "kd", {"cache": str(out / "cache")}), cfg.nproc_per_node,
+                           cfg.all_threads or cfg.student_threads)  # fmt: skip
+        rows.append(
+            {"name": "distilled (KD)", **kd, "teacher_s": teacher_s, "clock_s": teacher_s + kd["train_s"]}
+        )
+    if cfg.compare_ce_only:  # the teacher has stopped: its cores go to the baseline too
+        budget = {} if live else {"max_seconds": rows[0]["clock_s"], "steps": 10**6}  # the clock decides
+        ce = train_student(variant(train, out / "ce_only", {}, export=False, **budget), cfg.nproc_per_node,
+                           cfg.all_threads or cfg.student_threads)  # fmt: skip
+        rows.append({"name": "CE only", **ce, "teacher_s": 0.0, "clock_s": ce["train_s"]})
+    report = {
+        "regime": cfg.regime,
+        "runs": rows,
+        "teacher_heldout_ce": teacher_ce,
+        "export": rows[0].get("export"),
+    }
+    if len(rows) == 2:
+        epochs = None if live else rows[0]["samples"] / max(cache["rows"], 1)
+        report["comparison"] = equal_budget_line(rows, cfg.regime, epochs)
     (out / "comparison.json").write_text(json.dumps(report, indent=2))
+    plot = plot_curves(rows, out / "comparison.png", title=f"asymkd run ({cfg.regime} regime)")
     print(format_table(rows, teacher_ce), flush=True)
-    if train.checkpoint.export:
-        print(f"distilled student exported to {out / 'kd' / 'final'}", flush=True)
+    if "comparison" in report:
+        print(report["comparison"]["text"], flush=True)
+    print(f"report: {out / 'comparison.json'}" + (f", plot: {plot}" if plot else ""), flush=True)
+    if report["export"]:
+        print(f"distilled student exported to {report['export']}", flush=True)
     return report

@@ -6,6 +6,7 @@
     req = ScoreQuery(seqs, score_from=1, top_k=64).to_proto("req-0")    # client: arguments -> request
     asm = ScoreAssembly(expected_rows(req)); asm.add(resp) ...; asm.results()   # client: pieces -> results
     chunk_to_proto(request_id, chunk) / decode_generate_chunk(msg)       # Generate
+    pack_tensor(ids, bits) -> PACKED_UINT Tensor; tensor_from_proto unpacks it to int64
 
 Pure functions of protos and tensors, no I/O (the server parses requests itself, with a precise status per
 field: teacher_server/validation.py). Local argument mistakes (an unknown signal name, a score_from list of
@@ -23,7 +24,18 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from asymkd.contract import SCORE_FIELDS, GenerateChunk, GeneratedSample, SequenceScores, Signal, TeacherInfo
+from asymkd.contract import (
+    SCORE_FIELDS,
+    DataPlane,
+    GenerateChunk,
+    GeneratedSample,
+    IdEncoding,
+    OutputLayerInfo,
+    SequenceScores,
+    Signal,
+    TeacherInfo,
+)
+from asymkd.packing import pack_tensor, unpack_tensor
 from asymkd.v1 import teacher_pb2 as pb
 
 TORCH_OF_DTYPE: dict[int, torch.dtype] = {
@@ -69,7 +81,13 @@ def tensor_to_proto(x: torch.Tensor) -> pb.Tensor:
 
 
 def tensor_from_proto(t: pb.Tensor, field: str = "tensor") -> torch.Tensor:
-    """Decode a Tensor message; raises WireError (naming `field`) on unknown dtype or size mismatch."""
+    """Decode a Tensor message (PACKED_UINT -> int64); raises WireError (naming `field`) on unknown dtype or
+    size mismatch."""
+    if t.dtype == pb.PACKED_UINT and all(d >= 0 for d in t.shape):
+        try:
+            return unpack_tensor(t)
+        except ValueError as e:
+            raise WireError(f"{field}.{'data' if 1 <= t.bits <= 63 else 'bits'}", str(e)) from None
     if t.dtype not in TORCH_OF_DTYPE:
         raise WireError(f"{field}.dtype", f"unknown or unspecified dtype {t.dtype}")
     if any(d < 0 for d in t.shape):
@@ -90,26 +108,39 @@ def tensor_from_proto(t: pb.Tensor, field: str = "tensor") -> torch.Tensor:
     return out.view(torch.bfloat16) if dtype == torch.bfloat16 else out
 
 
-def _encode(name: str, x: torch.Tensor) -> pb.Tensor:
-    return tensor_to_proto(x.to(torch.int32) if name in _INT32_FIELDS else x)
+def _encode(name: str, x: torch.Tensor, bits: int = 0) -> pb.Tensor:
+    """A result field as a Tensor; `bits` > 0 packs integer fields (ids at least that many bits per id)."""
+    if name in _INT32_FIELDS:
+        return pack_tensor(x, bits if name != "counts" else 0) if bits else tensor_to_proto(x.to(torch.int32))
+    return tensor_to_proto(x)
 
 
 # ------------------------------------------------------------------------------------------------- GetInfo
-_INFO_WIRE_FIELDS = tuple(f.name for f in fields(TeacherInfo) if f.name != "note")
+_INFO_WIRE_FIELDS = tuple(f.name for f in fields(TeacherInfo) if f.name not in ("note", "output_layer"))
+_ENUM_LISTS = {"signals": Signal, "id_encodings": IdEncoding, "data_planes": DataPlane}
 
 
 def info_to_proto(info: TeacherInfo) -> pb.TeacherInfo:
     values = {n: getattr(info, n) for n in _INFO_WIRE_FIELDS}
-    values["signals"] = [int(s) for s in info.signals]
-    values["eos_token_ids"] = list(info.eos_token_ids)
+    for name in (*_ENUM_LISTS, "value_dtypes", "eos_token_ids"):
+        values[name] = [int(s) for s in values[name]]
+    if info.output_layer is not None:
+        values["output_layer"] = pb.OutputLayerInfo(**vars(info.output_layer))
     return pb.TeacherInfo(**values)
 
 
 def info_from_proto(msg: pb.TeacherInfo) -> TeacherInfo:
-    """Signals this side does not know (a newer server) are left out."""
+    """Enum values this side does not know (a newer server) are left out."""
     values = {n: getattr(msg, n) for n in _INFO_WIRE_FIELDS}
-    values["signals"] = tuple(Signal(s) for s in msg.signals if s in Signal._value2member_map_)
+    for name, enum_type in _ENUM_LISTS.items():
+        values[name] = tuple(enum_type(s) for s in getattr(msg, name) if s in enum_type._value2member_map_)
+    values["value_dtypes"] = tuple(msg.value_dtypes)
     values["eos_token_ids"] = tuple(msg.eos_token_ids)
+    if msg.HasField("output_layer"):
+        o = msg.output_layer
+        values["output_layer"] = OutputLayerInfo(
+            o.fingerprint, o.dtype, o.logit_scale, o.logit_softcap, o.has_bias
+        )
     return TeacherInfo(**values)
 
 
@@ -161,7 +192,9 @@ class ScoreQuery:
     """One Score request: sequences (each L >= 2 token ids) + how to score them.
 
     score_from: None (0), one int for all, or one per sequence. signal: name or Signal. top_k: TOP_K only.
-    at_ids (AT_IDS): one (R, m) integer tensor per sequence. num_samples/seed: SAMPLED."""
+    at_ids (AT_IDS): one (R, m) integer tensor per sequence. num_samples/seed: SAMPLED. id_encoding: how ids
+    travel both ways (PACKED_IDS also packs at_ids). data_plane_session: an open data-plane session (its
+    FULL / HIDDEN rows then come back as ScoreResponse.remote)."""
 
     seqs: Sequence[TokenIds]
     score_from: int | Sequence[int] | None = None
@@ -172,6 +205,8 @@ class ScoreQuery:
     at_ids: Sequence[torch.Tensor] | None = None
     num_samples: int = 0
     seed: int = 0
+    id_encoding: IdEncoding = IdEncoding.INT32_IDS
+    data_plane_session: str = ""
 
     def to_proto(self, request_id: str = "") -> pb.ScoreRequest:
         signal = resolve_signal(self.signal)
@@ -182,7 +217,9 @@ class ScoreQuery:
         for i, (seq, sf, at) in enumerate(zip(self.seqs, score_from, at_ids, strict=True)):
             ts = pb.TokenSequence(token_ids=token_ids_list(seq, f"seqs[{i}]"), score_from=int(sf))
             if at is not None:
-                ts.at_ids.CopyFrom(tensor_to_proto(torch.as_tensor(at).to(torch.int32)))
+                at = torch.as_tensor(at)
+                packed = self.id_encoding == IdEncoding.PACKED_IDS
+                ts.at_ids.CopyFrom(pack_tensor(at) if packed else tensor_to_proto(at.to(torch.int32)))
             sequences.append(ts)
         return pb.ScoreRequest(
             request_id=request_id,
@@ -193,6 +230,8 @@ class ScoreQuery:
             value_dtype=value_dtype_code(self.value_dtype),
             num_samples=self.num_samples,
             seed=self.seed,
+            id_encoding=int(self.id_encoding),
+            data_plane_session=self.data_plane_session,
         )
 
 
@@ -230,14 +269,19 @@ def generate_request(
 
 
 # ------------------------------------------------------------------------------------------ Score: encode
-def scores_to_proto(s: SequenceScores, sequence_index: int, rows: slice | None = None) -> pb.SequenceScores:
-    """One sequence's result (or the `rows` slice of it) as a SequenceScores message."""
-    tensors = {n: _encode(n, t if rows is None else t[rows]) for n, t in s.tensors().items()}
+def scores_to_proto(
+    s: SequenceScores, sequence_index: int, rows: slice | None = None, id_bits: int = 0
+) -> pb.SequenceScores:
+    """One sequence's result (or the `rows` slice of it) as a SequenceScores message; `id_bits` > 0 packs
+    ids (and counts) as PACKED_UINT."""
+    tensors = {n: _encode(n, t if rows is None else t[rows], id_bits) for n, t in s.tensors().items()}
     first_row = 0 if rows is None else rows.start
     return pb.SequenceScores(sequence_index=sequence_index, first_row=first_row, **tensors)
 
 
-def split_results(scores: list[SequenceScores], chunk_bytes: int) -> Iterator[list[pb.SequenceScores]]:
+def split_results(
+    scores: list[SequenceScores], chunk_bytes: int, id_bits: int = 0
+) -> Iterator[list[pb.SequenceScores]]:
     """Pack results into groups of about `chunk_bytes` each; a large result is cut by rows (>= 1 row)."""
     group: list[pb.SequenceScores] = []
     group_bytes = 0
@@ -251,7 +295,7 @@ def split_results(scores: list[SequenceScores], chunk_bytes: int) -> Iterator[li
             if group and group_bytes + piece_bytes > chunk_bytes:
                 yield group
                 group, group_bytes = [], 0
-            group.append(scores_to_proto(s, i, slice(start, stop)))
+            group.append(scores_to_proto(s, i, slice(start, stop), id_bits))
             group_bytes += piece_bytes
     if group:
         yield group
@@ -298,6 +342,7 @@ class ScoreAssembly:
         self.pieces: list[list[pb.SequenceScores]] = [[] for _ in rows]
         self.got = [0] * len(rows)
         self.last = False
+        self.remote: list = []  # asymkd.remote.RemoteRef: data-plane tensors of the request
 
     def add(self, resp: pb.ScoreResponse) -> None:
         for r in resp.results:
@@ -305,10 +350,15 @@ class ScoreAssembly:
                 raise DataLossError(f"sequence_index {r.sequence_index} out of range")
             self.pieces[r.sequence_index].append(r)
             self.got[r.sequence_index] += _piece_rows(r)
+        if resp.remote:
+            from asymkd.remote import RemoteRef  # remote.py builds on this module
+
+            self.remote += [RemoteRef.from_proto(m) for m in resp.remote]
         self.last = self.last or resp.last
 
     @property
     def complete(self) -> bool:
+        # remote tensors come on the final response, which also completes the rows sent in messages
         return self.last or all(g >= want for g, want in zip(self.got, self.rows, strict=True))
 
     def results(self) -> list[SequenceScores]:

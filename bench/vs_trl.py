@@ -10,8 +10,10 @@ bench/trl_gkd_run.py: GKDTrainer with lmbda=0 (no on-policy generation), β ∈ 
 logits of both models in one process. asymkd runs as a user runs it: a teacher server (LocalTeacher; hf and,
 when vllm is installed, vllm backends) and `asymkd train` with `distill.loss: jsd` at the same β (the two
 conventions are the same: β=0 forward KL, β=1 reverse KL, M = βP + (1−β)Q in between), top-64 + tail, and
-also the FULL signal (the exact full-vocabulary loss TRL computes). Reference points: the CE-only student,
-the teacher alone (scoring the same batches), and the sequential bound 1/(1/CE + 1/teacher).
+also the full distribution TRL computes: the FULL signal over gRPC and over the torch data plane
+(`teacher.data_plane: torch`), and the HIDDEN signal (the student applies the teacher's output layer: the
+same exact distribution, 85× fewer bytes), over gRPC and over the torch data plane. Reference points: the
+CE-only student, the teacher alone (scoring the same batches), and the sequential bound 1/(1/CE + 1/teacher).
 
 Writes bench/results/vs_trl.json (the machine described, every run, medians/min/max, ratios) and
 bench/results/vs_trl.png.
@@ -152,6 +154,16 @@ class RunSpec:
     signal: str = "top_k"
     placement: str = "shared"
     server: tuple[str, str, str] | None = None
+    plane: str = "grpc"  # teacher.data_plane
+
+
+# (signal, teacher.data_plane, run name part): the asymkd runs that train on the full distribution, as TRL does
+FULL_DISTRIBUTION = [
+    ("full", "grpc", "full"),
+    ("full", "torch", "full_torch"),
+    ("hidden", "grpc", "hidden"),
+    ("hidden", "torch", "hidden_torch"),
+]
 
 
 def plan(args: argparse.Namespace) -> list[RunSpec]:
@@ -163,9 +175,12 @@ def plan(args: argparse.Namespace) -> list[RunSpec]:
     for beta in args.betas:
         runs.append(RunSpec(f"trl_gkd_b{beta:g}", "trl", beta))
         runs.append(RunSpec(f"asymkd_hf_topk_b{beta:g}", "asymkd", beta, server=("hf", "shared", f"b{beta}")))
-        if beta in args.full_betas:
-            sv = ("hf", "shared", f"full{beta}")
-            runs.append(RunSpec(f"asymkd_hf_full_b{beta:g}", "asymkd", beta, "full", server=sv))
+        if beta in args.full_betas:  # the full distribution, each with its own server (its own memory)
+            for signal, plane, name in FULL_DISTRIBUTION:
+                sv = ("hf", "shared", f"{name}{beta}")
+                runs.append(
+                    RunSpec(f"asymkd_hf_{name}_b{beta:g}", "asymkd", beta, signal, server=sv, plane=plane)
+                )
     for pl in placements:
         sfx = "" if pl == "shared" else "_split"
         runs.append(RunSpec(f"ce_only{sfx}", "ce", placement=pl))
@@ -186,7 +201,9 @@ def plan(args: argparse.Namespace) -> list[RunSpec]:
     return runs
 
 
-def asymkd_config(student: Path, pair: Pair, args, *, beta: float, signal: str | None) -> dict:
+def asymkd_config(
+    student: Path, pair: Pair, args, *, beta: float, signal: str | None, plane: str = "grpc"
+) -> dict:
     """The asymkd side of the A/B: the optimizer and schedule TRL's defaults give (AdamW β=(0.9, 0.999),
     no weight decay, constant LR, clip 1.0), one rank, no export. signal None = CE-only (no teacher)."""
     optim = {"lr": args.lr, "weight_decay": 0.0, "betas": [0.9, 0.999], "warmup_steps": 0}
@@ -197,7 +214,8 @@ def asymkd_config(student: Path, pair: Pair, args, *, beta: float, signal: str |
         "optim": optim,
         "parallel": {"device": pair.device, "param_dtype": pair.dtype},
         "distill": {"loss": "jsd", "beta": beta, "kd_weight": 1.0, "ce_weight": 0.0},
-        "teacher": {"prefetch": args.prefetch, "timeout_s": 900.0},  # generous: the cores may be shared
+        # a generous timeout: the cores may be shared
+        "teacher": {"prefetch": args.prefetch, "timeout_s": 900.0, "data_plane": plane},
         "checkpoint": {"export": False},
         "metrics": {"log_every": 1},
         "run": {"steps": args.steps, "seed": args.seed},
@@ -263,7 +281,11 @@ def run_one(spec: RunSpec, ctx: dict, servers: Servers, repeat: int, args) -> di
         res = run_trl(ctx, args, spec.beta, out / "trl.log")
     else:
         signal = None if spec.kind in ("ce", "teacher") else spec.signal
-        cfg = asymkd_config(ctx["student"], ctx["pair"], args, beta=spec.beta, signal=signal)
+        cfg = asymkd_config(
+            ctx["student"], ctx["pair"], args, beta=spec.beta, signal=signal, plane=spec.plane
+        )
+        if signal is None:
+            cfg["teacher"].pop("data_plane")
         res = measure(
             spec.kind, cfg, out, teacher=teacher, placement=placement, batches=ctx["batches"], args=args
         )
@@ -353,6 +375,33 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def full_distribution_vs_trl(runs: list[dict]) -> dict:
+    """Each asymkd run on the full distribution against TRL at its β (paired by repeat): samples/s ratio,
+    trainer + teacher peak memory against TRL's one process, final loss agreement. Goal: ratio ≥ 1 with
+    memory ≤ TRL's."""
+    out = {}
+    for r in runs:
+        part = next((n for _, _, n in FULL_DISTRIBUTION if r["name"].startswith(f"asymkd_hf_{n}_b")), None)
+        if part is None or r["name"] in out:
+            continue
+        trl = f"trl_gkd_b{r['beta']:g}"
+        mine = [x for x in runs if x["name"] == r["name"]]
+        theirs = {x["repeat"]: x for x in runs if x["name"] == trl}
+        pairs = [(m, theirs[m["repeat"]]) for m in mine if m["repeat"] in theirs]
+        if not pairs:
+            continue
+        speed = bl.summarize([m["samples_per_s"] / t["samples_per_s"] for m, t in pairs])
+        memory = bl.summarize([m["total_peak_mb"] / t["total_peak_mb"] for m, t in pairs])
+        loss = [
+            abs(m["final_loss"] - t["final_loss"]) / t["final_loss"] for m, t in pairs if t.get("final_loss")
+        ]
+        out[r["name"]] = {
+            "vs": trl, "samples_per_s_ratio": speed, "total_peak_memory_ratio": memory,
+            "final_loss_rel_diff": loss, "met": speed["median"] >= 1.0 and memory["median"] <= 1.0,
+        }  # fmt: skip
+    return out
+
+
 def write_results(args, argv, ctx: dict, specs: list[RunSpec], runs: list[dict], load0: float, wall_s: float):
     machine = bl.machine_info({"trl": TRL_VERSION}) | {"load_average_1m_at_start": round(load0, 2)}
     loads = [r["load_average_1m"] for r in runs]
@@ -366,6 +415,7 @@ def write_results(args, argv, ctx: dict, specs: list[RunSpec], runs: list[dict],
         "repeats_done": 1 + max(r["repeat"] for r in runs),
         "summary": report.aggregate(runs),
         "ratios": report.ratios(runs),
+        "full_distribution_vs_trl": full_distribution_vs_trl(runs),
         "runs": runs,
         "bench_wall_s": wall_s,
     }
@@ -374,6 +424,9 @@ def write_results(args, argv, ctx: dict, specs: list[RunSpec], runs: list[dict],
     log.info("wrote %s and %s", args.out, args.out.with_suffix(".png"))
     for k, v in result["ratios"]["samples_per_s_ratios"].items():
         log.info("%-52s median %.2f (min %.2f, max %.2f)", k, v["median"], v["min"], v["max"])
+    for k, v in result["full_distribution_vs_trl"].items():
+        log.info("%-30s / TRL: samples/s %.2f, memory %.2f (goal >= 1, <= 1: %s)", k,
+                 v["samples_per_s_ratio"]["median"], v["total_peak_memory_ratio"]["median"], "met" if v["met"] else "NOT met")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -28,6 +28,11 @@ _DTYPE_ALIASES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "
 LossName = Literal[
     "forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl", "skew_kl", "skew_rkl"
 ]
+# cache/codec.py ENCODINGS (a unit test keeps them equal; --help needs no numpy import).
+CacheEncoding = Literal[
+    "packed-fp32", "packed-bf16", "packed-fp16", "packed-q8", "packed-q4",
+    "delta-fp32", "delta-bf16", "delta-fp16", "delta-q8", "delta-q4",
+]  # fmt: skip
 _LOSS_ALIASES = {"skew_kl": "skew_forward_kl", "skew_rkl": "skew_reverse_kl"}
 # Teacher addresses: host:port, or a gRPC target URI (https://github.com/grpc/grpc/blob/master/doc/naming.md).
 _HOST, _V6 = r"(\[[0-9a-fA-F:]+\]|[\w.\-]+)", r"(\[[0-9a-fA-F:]+\]:\d+|[0-9a-fA-F:]+)"
@@ -123,6 +128,9 @@ class DataSection:
     """held-out share of the documents (split before packing)"""
     eval_path: list[str] = field(default_factory=list)
     """or held-out files"""
+    max_documents: int = 0
+    """train on the first N training documents only (after the held-out split: the held-out set is the
+    same whatever N); 0 = all. A small fixed corpus seen for several epochs: the data-limited regime"""
     shuffle: bool = True
     """shuffle packed rows per epoch (seeded by run.seed)"""
     cache: bool = True
@@ -135,7 +143,14 @@ class DataSection:
             raise ValueError(f"builtin={self.builtin!r} is not one of {list(BUILTIN_CORPORA)}")
         if self.eval_fraction > 0 and self.eval_path:
             raise ValueError(f"set eval_fraction={self.eval_fraction} or eval_path, not both")
-        _check({"seq_len": self.seq_len >= 2, "eval_fraction": 0.0 <= self.eval_fraction < 1.0}, self)
+        _check(
+            {
+                "seq_len": self.seq_len >= 2,
+                "eval_fraction": 0.0 <= self.eval_fraction < 1.0,
+                "max_documents": self.max_documents >= 0,
+            },
+            self,
+        )
 
 
 BUILTIN_CORPORA = ("stdlib-docs",)
@@ -223,10 +238,24 @@ class ParallelSection:
 class DistillSection:
     """The KD objective: loss = kd_weight · KD + ce_weight · CE, each a mean over target tokens."""
 
-    signal: Literal["top_k", "full"] = "top_k"
-    """what the teacher sends per row"""
+    signal: Literal["top_k", "full", "hidden", "sampled", "at_ids"] = "top_k"
+    """what the teacher sends per row. top_k: its k best ids + the exact tail bucket. full: every log-prob.
+    hidden: its final hidden state; the student applies the teacher's output layer (fetched once, checked)
+    and gets the exact full distribution. sampled: RS-KD, num_samples ids drawn from the teacher (an unbiased
+    estimate of forward KL; https://arxiv.org/abs/2503.16870). at_ids: the teacher's log-probs at the
+    student's own top_k ids + the tail bucket (a student forward picks them before the teacher is asked:
+    no prefetch)"""
     top_k: int = 64
-    """top_k signal: teacher ids per row (the rest is one tail bucket)"""
+    """top_k signal: teacher ids per row (the rest is one tail bucket); at_ids: the student's ids per row"""
+    num_samples: int = 12
+    """sampled signal: draws per row (with replacement) from softmax(teacher logits / T)"""
+    sample_seed: int = 1
+    """sampled signal: the draws are a function of (this seed, the row), so a resent batch gets the same
+    ones; 0 = the server picks a seed per request"""
+    value_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """the teacher's values on the wire (log-probs, hidden states); the losses run in float32"""
+    pack_ids: bool = True
+    """ids travel packed to ceil(log2 V) bits (when the teacher offers it; else int32)"""
     temperature: float = 1.0
     """applied by the teacher server; the student divides its logits by it"""
     loss: LossName = "forward_kl"
@@ -239,8 +268,9 @@ class DistillSection:
     """weight of the KD term"""
     ce_weight: float = 0.0
     """CE on the true next token (T = 1); without teacher targets the loss is CE only"""
-    chunk_rows: int = 1024
-    """FULL signal: loss rows per chunk (recomputed in backward); 0 = all rows at once"""
+    chunk_rows: int = 256
+    """full / hidden signals: rows per block of the fused dense loss (each block's vocabulary-sized
+    intermediates, the teacher's logits included, live only inside it); 0 = all rows at once"""
 
     def __post_init__(self) -> None:
         if self.loss not in typing.get_args(LossName):
@@ -255,11 +285,22 @@ class DistillSection:
                 "kd_weight": self.kd_weight >= 0,
                 "ce_weight": self.ce_weight >= 0,
                 "chunk_rows": self.chunk_rows >= 0,
+                "num_samples": self.num_samples >= 1,
+                "sample_seed": self.sample_seed >= 0,
             },
             self,
         )
         if self.kd_weight == 0 and self.ce_weight == 0:
             raise ValueError("kd_weight=0 and ce_weight=0: the loss would be 0")
+        forward = self.loss == "forward_kl" or (self.loss == "jsd" and self.beta == 0)
+        if self.signal == "sampled" and not forward:
+            raise ValueError(
+                f"signal='sampled' estimates forward KL only (RS-KD), not loss={self.loss!r}"
+                + (f" with beta={self.beta}" if self.loss == "jsd" else "")
+                + ": use forward_kl (or jsd with beta=0), or signal top_k / at_ids / full / hidden"
+            )
+        if self.signal in ("hidden", "sampled") and self.top_k != DistillSection.top_k:
+            raise ValueError(f"top_k={self.top_k} has no effect with signal={self.signal!r}")
 
 
 @dataclass
@@ -277,7 +318,8 @@ class TeacherSection:
     """Where the teacher runs: servers (targets), in this process (in_process) or a cache; none = CE-only.
 
     `targets` are balanced with failover; `in_process` has no gRPC (each micro-batch is scored then trained
-    on, one after the other); `cache` reads the teacher's answers from disk.
+    on, one after the other); `cache` reads the teacher's answers from disk. `cache` with `targets` or
+    `in_process` is mixed mode: rows the cache holds are read, the others are scored live.
     """
 
     targets: list[str] = field(default_factory=list)
@@ -287,7 +329,11 @@ class TeacherSection:
     `{model: PATH, dtype: bfloat16, ...}` (`asymkd serve` keys, `--teacher.in_process.help`; device defaults
     to the student's), or the model alone (an HF folder, a .gguf file or "default")"""
     cache: str = ""
-    """offline cache (cache.py, written by `asymkd cache write`): teacher answers read from disk, no teacher"""
+    """offline cache (student_trainer/cache/, written by `asymkd cache write`): teacher answers read from disk,
+    no teacher. With targets or in_process (mixed mode) the rows it lacks are scored by that live teacher"""
+    cache_append: bool = False
+    """mixed mode: store the rows scored live in the cache too (each rank writes its own shard files, every
+    `shard_rows` rows and at the end of the run; creates the cache when the folder holds none)"""
     prefetch: int = 4
     """batches in flight to the teacher ahead of the one being trained on"""
     timeout_s: float = 60.0
@@ -298,6 +344,10 @@ class TeacherSection:
     """feed level: resend held batches until no answer came for this long"""
     connect_timeout_s: float = 120.0
     """how long the trainer waits at start for a teacher that is not up yet; then a clear error, exit 2"""
+    data_plane: Literal["grpc", "torch"] = "grpc"
+    """where full / hidden rows travel: grpc (in the messages, chunked) or torch (a torch.distributed pair
+    group per rank with its teacher: gloo on CPU, NCCL on GPU; the request and status stay on gRPC). With
+    torch, each rank talks to one replica (targets[rank % n])"""
     allow_padded_vocab: bool = False
     """accept a teacher vocab smaller than the student's (e.g. 151936 vs 152064): the extra student ids are
     ids the tokenizer never produces; they count as teacher probability 0 (top-k: in the tail bucket)"""
@@ -325,11 +375,15 @@ class TeacherSection:
             self.in_process = InProcessTeacherSection(model=self.in_process)
         if self.in_process is not None and not self.in_process.model:
             raise ValueError("in_process.model is empty (in_process.KEY flags replace `in_process: MODEL`)")
-        sources = {"targets": self.targets, "in_process": self.in_process, "cache": self.cache}
-        if sum(bool(v) for v in sources.values()) > 1:
-            given = {**sources, "in_process": self.in_process.model if self.in_process else None}
-            text = ", ".join(f"{k}={v!r}" for k, v in given.items() if v)
-            raise ValueError(f"set one teacher source (targets, in_process or cache), got {text}")
+        if self.targets and self.in_process is not None:
+            raise ValueError(
+                f"set one live teacher (targets or in_process), got targets={self.targets!r}, "
+                f"in_process={self.in_process.model!r} (with cache, either one scores the rows it lacks)"
+            )
+        if self.cache_append and not (self.cache and (self.targets or self.in_process is not None)):
+            raise ValueError("cache_append=true needs cache and a live teacher (targets or in_process)")
+        if self.data_plane == "torch" and not self.targets:
+            raise ValueError("data_plane='torch' needs teacher servers (targets): it joins their data plane")
         _check(
             {
                 "prefetch": self.prefetch >= 1,
@@ -424,6 +478,9 @@ class RunSection:
     """config.yaml, metrics, checkpoints and the export go here"""
     steps: int = 100
     """optimizer steps"""
+    max_seconds: float = 0.0
+    """also stop once the training loop has run this long (every rank after the same step; evaluation,
+    checkpoint and export follow as at run.steps); 0 = no time limit"""
     seed: int = 0
     """model init, data order"""
     eval_every: int = 0
@@ -438,6 +495,7 @@ class RunSection:
         _check(
             {
                 "steps": self.steps >= 1,
+                "max_seconds": self.max_seconds >= 0,
                 "eval_every": self.eval_every >= 0,
                 "eval_batches": self.eval_batches >= 1,
             },
@@ -489,15 +547,33 @@ class TrainConfig:
 
 @dataclass
 class CacheWriteConfig(TrainConfig):
-    """`asymkd cache write`: score every packed training row of this config once, through teacher.targets."""
+    """`asymkd cache write`: score every packed training row of this config once, through its teacher
+    (teacher.targets, teacher.in_process, or teacher.cache alone: re-encode that cache)."""
 
     out: str = ""
-    """the cache folder to write (required)"""
+    """the cache folder to write (required); an interrupted write in it is resumed"""
+    encoding: CacheEncoding = "delta-q4"
+    """ids-values: ids packed (ceil(log2 V) bits) or delta (sorted, exp-Golomb gaps); values fp32 (lossless),
+    bf16, fp16, q8 or q4 (codes over each row's log-prob range); the tail mass is exact in all. Top-64 of a
+    49k vocab: delta-q4 ~98 B/token, delta-q8 ~130, delta-fp32 ~324 (format 1: ~525)"""
     shard_rows: int = 1024
-    """rows per safetensors shard"""
+    """rows per safetensors shard (a resumed write redoes at most one shard per rank)"""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.out:
             raise ValueError(f"out={self.out!r}: --out DIR is required (the folder the cache is written to)")
+        if not self.uses_teacher:
+            raise ValueError(
+                "teacher.targets, teacher.in_process or teacher.cache: `asymkd cache write` needs a teacher "
+                "to score the rows"
+            )
+        if self.teacher.cache and Path(self.teacher.cache).resolve() == Path(self.out).resolve():
+            raise ValueError(f"out={self.out!r} is teacher.cache: write the new cache to another folder")
+        if self.teacher.cache_append:
+            raise ValueError("teacher.cache_append has no effect in `asymkd cache write`")
+        if self.distill.signal not in ("top_k", "sampled"):
+            raise ValueError(
+                f"distill.signal={self.distill.signal!r}: a cache holds top_k or sampled answers"
+            )
         _check({"shard_rows": self.shard_rows >= 1}, self)

@@ -269,7 +269,7 @@ def _pack_key(files: list[Path], eval_files: list[Path], data: DataSection, tok_
     stat = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
     stat_eval = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in eval_files]
     spec = [_PACK_VERSION, stat, stat_eval, data.format, data.text_field, data.text_sample_by, data.seq_len]
-    spec += [data.eval_fraction, tok_id]
+    spec += [data.eval_fraction, tok_id] + ([data.max_documents] if data.max_documents else [])
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:20]
 
 
@@ -282,6 +282,8 @@ def _build_packs(
         docs, eval_docs = split_documents(docs, data.eval_fraction)
     elif eval_files:
         eval_docs = read_documents(eval_files, data, tokenizer)
+    if data.max_documents:
+        docs = docs[: data.max_documents]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     packs = {"train": pack(tokenize_documents(docs, tokenizer), data.seq_len, pad)}
     if eval_docs:

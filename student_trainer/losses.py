@@ -23,6 +23,8 @@ Conventions (see the functions for details):
   where it truly is (e.g. reverse KL with student mass where the teacher has none).
 - Padded vocabulary: the student may have more columns than the teacher (V_s ≥ V_t, e.g. 151936 → 152064).
   Sparse: the extra student columns belong to the tail bucket. Dense: teacher log-probs beyond V_t are -inf.
+- Dense teachers (FULL rows, or HIDDEN rows + the teacher's output layer) run through the fused kernel of
+  dense_kd.py in blocks of ``chunk_rows`` valid rows: a HIDDEN teacher's logits exist one block at a time.
 - Sums, not a mix: ``distill_loss`` returns the KD sum and the CE sum (whenever targets are given) over the
   valid rows, separately; the caller weights and adds them (the trainer: kd_weight·KD + ce_weight·CE) and
   divides by the global number of target tokens (across accumulation steps and ranks).
@@ -37,8 +39,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
+from student_trainer.dense_kd import dense_kd_sums
 from student_trainer.sparse_kd import sparse_kd_sums
 
 LOSS_NAMES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
@@ -170,14 +172,6 @@ class LossOutput:
     student_mass_in_teacher_topk: Tensor
 
 
-def _dense_pair(z: Tensor, t_lp: Tensor) -> tuple[Tensor, ...]:
-    """(R, V_s) scaled student logits + (R, V_t) teacher log-probs → (R, V_s) (lp, lq) and per-row masses."""
-    lq = torch.log_softmax(z, -1)
-    v_t = t_lp.shape[-1]
-    lp = F.pad(t_lp, (0, z.shape[-1] - v_t), value=_NEG_INF)  # padded vocab: the teacher has no mass there
-    return lp, lq, torch.logsumexp(t_lp, -1).exp(), torch.logsumexp(lq[:, :v_t], -1).exp()
-
-
 def _sparse_sums(
     logits: Tensor,
     t_lp: Tensor,
@@ -199,16 +193,30 @@ def _sparse_sums(
     return torch.stack([kd, ce.to(kd.dtype), t_mass, s_mass])
 
 
-def _dense_sums(logits: Tensor, t_lp: Tensor, targets: Tensor | None, *, spec: KDSpec) -> Tensor:
-    """One chunk of valid rows (the caller selects them) → [kd_sum, ce_sum, teacher_mass_sum, student_mass_sum]."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 → fp32, fp64 stays fp64
-    z = logits / spec.temperature
-    lp, lq, t_mass, s_mass = _dense_pair(z, t_lp.to(z.dtype))
-    kd = divergence(lp, lq, spec.loss, beta=spec.beta, alpha=spec.alpha).sum()
-    if spec.scale_t2:
-        kd = kd * spec.temperature**2
-    ce = kd.new_zeros(()) if targets is None else F.cross_entropy(logits, targets, reduction="sum")
-    return torch.stack([kd, ce, t_mass.sum().detach(), s_mass.sum().detach()])
+def _dense_kernel_sums(
+    logits: Tensor, teacher: Tensor, head, targets: Tensor | None, mask: Tensor, spec: KDSpec, block: int
+) -> Tensor:
+    """All rows → [kd_sum, ce_sum, teacher_mass_sum, student_mass_sum] through the fused dense kernel; the
+    teacher is (N, V_t) log-probs at T, or (N, H) hidden rows with ``head`` (teacher_head.TeacherHead)."""
+    v_s = logits.shape[-1]
+    if head is not None:
+        v_t = min(head.vocab_size, v_s)
+
+        def rows(idx: Tensor) -> Tensor:
+            return head.logprobs(teacher[idx], spec.temperature, v_s)
+    else:
+        v_t = teacher.shape[-1]
+
+        def rows(idx: Tensor) -> Tensor:  # padded vocab: the teacher has no mass beyond V_t
+            return F.pad(teacher[idx], (0, v_s - v_t), value=_NEG_INF) if v_t < v_s else teacher[idx]
+
+    closed_form = spec.loss == "forward_kl" or (spec.loss == "jsd" and spec.beta == 0.0)
+    div = None if closed_form else partial(divergence, loss=spec.loss, beta=spec.beta, alpha=spec.alpha)
+    sums = dense_kd_sums(
+        logits, rows, targets, mask, div, temperature=spec.temperature, scale_t2=spec.scale_t2,
+        block_rows=block, teacher_vocab=v_t,
+    )  # fmt: skip
+    return torch.stack([s.to(sums[0].dtype) for s in sums])
 
 
 def _flat_inputs(
@@ -238,6 +246,7 @@ def distill_loss(
     *,
     teacher_ids: Tensor | None = None,
     teacher_tail: Tensor | None = None,
+    teacher_head=None,
     targets: Tensor | None = None,
     chunk_rows: int | None = None,
     loss: str = "forward_kl",
@@ -252,9 +261,10 @@ def distill_loss(
     row argument has the same leading shape as the logits. Sparse teacher (TOP_K): ``teacher_ids`` (N, k)
     distinct ids, ``teacher_logprobs`` (N, k), ``teacher_tail`` (N,) = log of the mass outside the top-k
     (-inf when none); the fused kernel runs once on all rows and needs no chunks. Dense teacher (FULL):
-    ``teacher_logprobs`` (N, V_t), V_t ≤ V_s; only the valid rows are selected, and ``chunk_rows`` (FULL only,
-    ignored for TOP_K) processes them in chunks of that many rows, each recomputed in backward, so at most
-    one chunk's (chunk_rows, V_s) intermediates are held.
+    ``teacher_logprobs`` (N, V_t), V_t ≤ V_s. HIDDEN: ``teacher_logprobs`` are the teacher's (N, H) final
+    hidden rows and ``teacher_head`` its output layer (teacher_head.TeacherHead), which makes each block's
+    exact log-probs at T. Dense teachers run through dense_kd.py on the valid rows only, ``chunk_rows`` (None:
+    all) at a time, so at most one block's (chunk_rows, V) intermediates are held.
     """
     spec = KDSpec(loss, beta, alpha, temperature, scale_t2)
     if chunk_rows is not None and chunk_rows < 1:
@@ -262,26 +272,18 @@ def distill_loss(
     logits = student_logits.reshape(-1, student_logits.shape[-1])
     teacher = (teacher_logprobs, teacher_ids, teacher_tail)
     t_lp, t_ids, t_tail, targets, mask = _flat_inputs(logits.shape[0], teacher, targets, mask)
-    if t_lp.shape[-1] > logits.shape[-1]:
+    if teacher_head is None and t_lp.shape[-1] > logits.shape[-1]:
         what = "vocab size" if t_ids is None else "top-k k"
         raise ValueError(f"teacher {what}={t_lp.shape[-1]} exceeds student vocab {logits.shape[-1]}")
 
-    valid = mask.nonzero().squeeze(1)
-    num = valid.numel()
+    num = int(mask.sum())
     if t_ids is not None:
         assert t_tail is not None
-        sums = [_sparse_sums(logits, t_lp, t_ids, t_tail, targets, mask, spec)]
+        sums = _sparse_sums(logits, t_lp, t_ids, t_tail, targets, mask, spec)
     else:  # prompt/padding rows never reach the vocab-sized work
-        fn = partial(_dense_sums, spec=spec)
-        sums, step = [], max(num if chunk_rows is None else chunk_rows, 1)
-        for start in range(0, max(num, 1), step):  # one (empty) chunk when num == 0 keeps the graph connected
-            idx = valid[start : start + step]
-            args = (logits[idx], t_lp[idx], None if targets is None else targets[idx])
-            if chunk_rows is not None and torch.is_grad_enabled():
-                sums.append(checkpoint(fn, *args, use_reentrant=False))  # keep one chunk's (R, V) at a time
-            else:
-                sums.append(fn(*args))
-    kd_sum, ce_sum, t_mass, s_mass = torch.stack(sums).sum(0).unbind()
+        block = chunk_rows or max(num, 1)
+        sums = _dense_kernel_sums(logits, t_lp, teacher_head, targets, mask, spec, block)
+    kd_sum, ce_sum, t_mass, s_mass = sums.unbind()
     return LossOutput(
         kd_sum=kd_sum,
         ce_sum=ce_sum,

@@ -4,11 +4,14 @@
     metrics = MetricsLogger(cfg.metrics, out_dir, rank=rank, total_steps=cfg.run.steps)
     metrics.log_step(12, {"loss": 3.21, "kd": 2.9, "ce": 3.5, "lr": 3e-4, ..., "sample_ids": [...]})
 
-A progress line reads:
-    step 12/300 | loss 3.21 | kd 2.90 | ce 3.50 | lr 3.0e-04 | gnorm 1.23 | tok/s 4,321 | teacher_wait 3 ms |
-    prefetch 4 | mem 1.2 GB | eta 2m10s
-The JSONL file (`metrics.jsonl` in the run folder) has every key of every step, including `sample_ids`
-(the packed rows trained on, all ranks) so a test or a person can check no batch was lost or doubled.
+A progress line reads (the time of day, then the time since training started):
+    [student r0] 14:03:12 +1m05s step 12/300 | train loss 3.2100 (kd 2.9000, ce 3.5000) | lr 3.0e-04 |
+    gnorm 1.23 | tok/s 4,321 | teacher wait 3 ms, 4 ready | mem 1.2 GB | eta 2m10s
+`train loss` is what is minimized, kd_weight · kd + ce_weight · ce on the training batch; an evaluation line
+says `held-out CE` (the `eval_loss` of metrics.jsonl), and the run ends with a summary line. The JSONL file
+(`metrics.jsonl` in the run folder; every key: docs/metrics.md) has every key of every step, including
+`sample_ids` (the packed rows trained on, all ranks) so a test or a person can check no batch was lost or
+doubled. TensorBoard (`metrics.tensorboard: true`, `pip install asymkd[tensorboard]`) gets the same scalars.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ log = logging.getLogger("asymkd.student")
 def setup_logging(rank: int, level: str = "INFO") -> None:
     """stdlib logging with a `[student rN]` prefix; only rank 0 logs below WARNING."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"[student r{rank}] %(message)s"))
+    handler.setFormatter(logging.Formatter(f"[student r{rank}] %(asctime)s %(message)s", datefmt="%H:%M:%S"))
     root = logging.getLogger("asymkd")
     root.handlers[:] = [handler]
     root.setLevel(level if rank == 0 else "WARNING")
@@ -53,21 +56,45 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-def format_step_line(step: int, total: int, m: dict[str, Any], eta_s: float) -> str:
-    parts = [f"step {step}/{total}", f"loss {m['loss']:.4f}"]
-    parts += [f"{k} {m[k]:.4f}" for k in ("kd", "ce") if m.get(k) is not None]
+def format_step_line(
+    step: int, total: int | str, m: dict[str, Any], eta_s: float, elapsed_s: float = 0.0
+) -> str:
+    terms = ", ".join(f"{k} {m[k]:.4f}" for k in ("kd", "ce") if m.get(k) is not None)
+    parts = [f"+{format_duration(elapsed_s)} step {step}/{total}", f"train loss {m['loss']:.4f} ({terms})"]
     parts += [f"lr {m['lr']:.1e}", f"gnorm {m['gnorm']:.2f}", f"tok/s {m['tok_per_s']:,.0f}"]
     if m.get("teacher_wait_ms") is not None:
-        parts += [f"teacher_wait {m['teacher_wait_ms']:.0f} ms", f"prefetch {m.get('prefetch', 0)}"]
+        parts += [f"teacher wait {m['teacher_wait_ms']:.0f} ms, {m.get('prefetch', 0)} ready"]
     parts += [f"mem {m['mem_gb']:.1f} GB", f"eta {format_duration(eta_s)}"]
     return " | ".join(parts)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The run's last line: steps, time, throughput, final losses, where the results are."""
+    parts = [f"done: {summary['step']} steps in {format_duration(summary.get('train_s', 0.0))}"]
+    if summary.get("samples_per_s"):
+        parts[0] += f" ({summary['samples_per_s']:.1f} samples/s)"
+    if summary.get("loss") is not None:
+        parts.append(f"final train loss {summary['loss']:.4f}")
+    if summary.get("eval_loss") is not None:
+        parts.append(f"held-out CE {summary['eval_loss']:.4f}")
+    if summary.get("teacher_wait_s") is not None:
+        parts.append(f"teacher wait {summary['teacher_wait_s']:.1f} s")
+    return " | ".join(parts + [f"{k} {summary[k]}" for k in ("export", "checkpoint") if summary.get(k)])
 
 
 class MetricsLogger:
     """Rank 0 writes; on other ranks every method is a no-op."""
 
-    def __init__(self, section: MetricsSection, out_dir: str | Path, *, rank: int, total_steps: int) -> None:
-        self.section, self.rank, self.total = section, rank, total_steps
+    def __init__(
+        self,
+        section: MetricsSection,
+        out_dir: str | Path,
+        *,
+        rank: int,
+        total_steps: int,
+        max_seconds: float = 0.0,
+    ) -> None:
+        self.section, self.rank, self.total, self.max_seconds = section, rank, total_steps, max_seconds
         self._t0: float | None = None
         self._step0 = 0
         self._jsonl = None
@@ -89,21 +116,37 @@ class MetricsLogger:
         if self._t0 is None or step <= self._step0:
             return 0.0
         per_step = (time.perf_counter() - self._t0) / (step - self._step0)
-        return per_step * (self.total - step)
+        eta = per_step * (self.total - step)
+        return min(eta, max(self.max_seconds - self.elapsed_s, 0.0)) if self.max_seconds else eta
+
+    @property
+    def elapsed_s(self) -> float:
+        return 0.0 if self._t0 is None else time.perf_counter() - self._t0
 
     def log_step(self, step: int, metrics: dict[str, Any]) -> None:
         if self.rank != 0:
             return
         self._write({"kind": "train", "step": step, "time": time.time(), **metrics})
-        if step % self.section.log_every == 0 or step == self.total:
-            log.info(format_step_line(step, self.total, metrics, self.eta_s(step)))
+        if step % self.section.log_every == 0 or step == self.total or metrics.get("out_of_time"):
+            total = (
+                f"{self.total} (at most {format_duration(self.max_seconds)})"
+                if self.max_seconds
+                else self.total
+            )
+            log.info(format_step_line(step, total, metrics, self.eta_s(step), self.elapsed_s))
 
     def log_eval(self, step: int, metrics: dict[str, Any]) -> None:
         if self.rank != 0:
             return
         self._write({"kind": "eval", "step": step, "time": time.time(), **metrics})
-        shown = (f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
-        log.info("eval step %d | %s", step, " | ".join(shown))
+        log.info(
+            "+%s eval step %d | held-out CE %.4f (ppl %.1f, %s tokens)", format_duration(self.elapsed_s), step,
+            metrics["eval_loss"], metrics["eval_ppl"], f"{metrics['eval_tokens']:,}",
+        )  # fmt: skip
+
+    def log_summary(self, summary: dict[str, Any]) -> None:
+        if self.rank == 0:
+            log.info(format_summary(summary))
 
     def log_event(self, kind: str, step: int, fields: dict[str, Any]) -> None:
         """A non-step record (e.g. "resume") in the JSONL file."""
@@ -111,12 +154,13 @@ class MetricsLogger:
             self._write({"kind": kind, "step": step, "time": time.time(), **fields})
 
     def _write(self, record: dict[str, Any]) -> None:
+        record["elapsed_s"] = self.elapsed_s  # training-loop time so far (this process)
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(record) + "\n")
         if self._tb is not None:
             tag = record["kind"]
             for k, v in record.items():
-                if isinstance(v, int | float) and k not in ("step", "time"):
+                if isinstance(v, int | float) and k not in ("step", "time", "elapsed_s"):
                     self._tb.add_scalar(f"{tag}/{k}", v, record["step"])
 
     def close(self) -> None:

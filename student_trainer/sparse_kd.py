@@ -150,3 +150,26 @@ def sparse_kd_sums(
     return _SparseKD.apply(
         logits, ids.long(), t_lp, t_tail, tgt, mask.bool(), divergence_fn, temperature, t2, with_ce
     )
+
+
+def sampled_targets(ids: Tensor, counts: Tensor, vocab_size: int) -> tuple[Tensor, Tensor]:
+    """RS-KD draws (SAMPLED: ids (..., m) distinct, -1 padded; counts (..., m)) as K+1-class kernel inputs:
+    (ids with every -1 replaced by a distinct id not drawn in its row, log w = log(counts / Σ counts), -inf
+    on the fillers). With a -inf tail, forward KL through ``sparse_kd_sums`` then has the gradient
+    T·(q − w) w.r.t. the logits (scaled by T²/T): an unbiased estimate of forward KL's q − p, since
+    E[w] = p (Anshumann et al., https://arxiv.org/abs/2503.16870). Fillers get gradient q, exactly what ids
+    outside the draws get through the tail bucket: they only keep the kernel's ids distinct."""
+    total = counts.sum(-1, keepdim=True).clamp(min=1)
+    log_w = (counts.to(torch.float32) / total).log()
+    pad = ids < 0
+    if not bool(pad.any()):
+        return ids.long(), log_w
+    m = ids.shape[-1]
+    flat_ids, flat_pad = ids.reshape(-1, m).long(), pad.reshape(-1, m)
+    cand = torch.arange(min(2 * m, vocab_size), device=ids.device)
+    used = (cand[None, :, None] == flat_ids[:, None, :]).any(-1)  # (R, C): candidate drawn in the row
+    free_first = torch.where(used, cand.numel() + cand, cand).sort(-1).values  # free candidates, ascending
+    slot = (flat_pad.cumsum(-1) - 1).clamp(min=0)  # the n-th padding slot takes the n-th free candidate
+    fillers = free_first.gather(-1, slot.clamp(max=cand.numel() - 1))
+    filled = torch.where(flat_pad, fillers, flat_ids)
+    return filled.reshape(ids.shape), log_w

@@ -7,6 +7,14 @@ summed over the micro-batches and all-reduced over ranks (N), and each micro-bat
 sum × dp_size / N. FSDP averages gradients over the dp ranks (÷ dp_size), so the accumulated gradient is
 Σ_ranks Σ_micro ∇sum / N: exactly the gradient of the mean loss over all target tokens of the global batch,
 however tokens are spread over micro-batches and ranks.
+
+Signals (the fields of the TeacherBatch say which): TOP_K and AT_IDS go through the fused K+1-class kernel
+(sparse_kd.py); SAMPLED through the same kernel with the draws' weights (sparse_kd.sampled_targets) plus the
+value correction Σ w·(log p − log w) (constant: it makes the reported KD an unbiased estimate of KL(P‖Q), not
+of KL(P̂‖Q)); FULL and HIDDEN through the fused dense kernel (dense_kd.py; HIDDEN with the teacher's output
+layer, `teacher.head`). AT_IDS needs the student's ids before the teacher is asked: the micro-batch's
+`resolve(ids)` is called between the forward and the loss with the student's top-k ids (B, T-1, k), from
+these very logits (detached), so the teacher's wait is part of the step (no prefetch can hide it).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from student_trainer import losses
 from student_trainer.config import DistillSection, OptimSection
 from student_trainer.parallel import all_reduce_sum
 from student_trainer.sources.base import MicroBatch, TeacherBatch
+from student_trainer.sparse_kd import sampled_targets
 
 
 # ------------------------------------------------------------------------------------ optimizer, schedule
@@ -88,9 +97,8 @@ def loss_sums(
 ) -> LossSums:
     """Loss sums over target rows; logits (B, T, V), mask (B, T-1), teacher rows aligned with mask.
 
-    Without a teacher the loss is CE. With one: kd_weight · KD + ce_weight · CE (losses.py: TOP_K through
-    the fused kernel, FULL in chunks of `chunk_rows` valid rows, so no (B, T, V) tensor is built beyond the
-    student's own logits).
+    Without a teacher the loss is CE. With one: kd_weight · KD + ce_weight · CE (see the module docstring for
+    each signal; no (B, T, V) tensor is built beyond the student's own logits, and a FULL teacher's rows).
     """
     b, t, v = logits.shape
     flat = logits.reshape(b * t, v)  # a view: row b·T + t predicts input_ids[b, t + 1]
@@ -99,28 +107,55 @@ def loss_sums(
     if teacher is None:
         ce = losses.ce_loss_sum(flat, targets, mask_p)
         return LossSums(ce, None, ce)
-    if teacher.ids is not None:
+    loss_name, correction = distill.loss, None
+    t_lp, t_ids, t_tail, head = teacher.full, None, None, None
+    if teacher.counts is not None:  # SAMPLED: forward KL against the draws' weights (config checks the loss)
+        t_ids, t_lp = sampled_targets(teacher.ids, teacher.counts, v)
+        t_tail, loss_name = torch.full_like(t_lp[..., 0], float("-inf")), "forward_kl"
+        correction = _sampled_value_correction(t_lp, teacher.logprobs, mask, distill.temperature)
+    elif teacher.ids is not None:  # TOP_K, AT_IDS
         t_lp, t_ids, t_tail = teacher.logprobs, teacher.ids, teacher.tail_logprob
-    else:
-        t_lp, t_ids, t_tail = teacher.full, None, None
+    elif teacher.hidden is not None:
+        t_lp, head = teacher.hidden, teacher.head
     out = losses.distill_loss(
         flat,
         _pad_row(t_lp),
         mask_p,
         teacher_ids=_pad_row(t_ids),
         teacher_tail=_pad_row(t_tail),
+        teacher_head=head,
         targets=targets,
         chunk_rows=distill.chunk_rows or None,
-        loss=distill.loss,
+        loss=loss_name,
         beta=distill.beta,
         alpha=distill.alpha,
         temperature=distill.temperature,
     )
+    if correction is not None:
+        out.kd_sum = out.kd_sum + correction
     loss = distill.kd_weight * out.kd_sum + distill.ce_weight * out.ce_sum
     n = out.num_tokens  # the losses report the two masses as means over valid rows
     return LossSums(
         loss, out.kd_sum, out.ce_sum, out.teacher_mass_in_support * n, out.student_mass_in_teacher_topk * n
     )
+
+
+def _sampled_value_correction(log_w: Tensor, t_lp: Tensor | None, mask: Tensor, temperature: float) -> Tensor:
+    """T² · Σ over masked rows of Σ_j w_j (log p_j − log w_j): the kernel's Σ w (log w − log q) plus this is
+    Σ w (log p − log q), unbiased for KL(P‖Q). 0 when the teacher sent no log-probs at the draws."""
+    if t_lp is None:
+        return log_w.new_zeros(())
+    w = log_w.exp()
+    terms = torch.where(w > 0, w * (t_lp.to(w.dtype) - log_w), 0.0).sum(-1)
+    return terms[mask.to(terms.device)].sum() * temperature**2
+
+
+def student_top_ids(logits: Tensor, k: int, teacher_vocab: int | None = None) -> Tensor:
+    """AT_IDS: the student's top-k ids (B, T-1, k) of rows 0..T-2, among ids the teacher has too."""
+    rows = logits[:, :-1].detach()
+    if teacher_vocab is not None and teacher_vocab < rows.shape[-1]:
+        rows = rows[..., :teacher_vocab]
+    return rows.topk(k, dim=-1).indices
 
 
 def forward_backward_step(
@@ -129,9 +164,12 @@ def forward_backward_step(
     """Forward one micro-batch, backward `loss_sum × scale`; returns the detached `LossSums` as a (5,) fp64
     tensor (NaN for the KD fields without a teacher)."""
     input_ids = mb.batch["input_ids"].to(device)
-    teacher = None if mb.teacher is None else mb.teacher.to(device)
     mask = target_mask(mb.batch, mb.teacher).to(device)
     logits = model(input_ids=input_ids).logits
+    answer = mb.teacher
+    if mb.resolve is not None:  # AT_IDS: the teacher is asked about this forward's own top-k ids
+        answer = mb.resolve(student_top_ids(logits, distill.top_k, mb.resolve.teacher_vocab))
+    teacher = None if answer is None else answer.to(device)
     sums = loss_sums(logits, input_ids, mask, teacher, distill)
     (sums.loss * scale).backward()
     nan = torch.full_like(sums.loss, float("nan"))

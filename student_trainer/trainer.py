@@ -72,9 +72,16 @@ class Trainer:
         self.train_data, self.eval_data = self._build_data()  # a missing data file fails before the model
         self.model = self._build_model()
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, cfg.run.steps)
-        self.metrics = MetricsLogger(cfg.metrics, self.out_dir, rank=self.rank, total_steps=cfg.run.steps)
+        self.metrics = MetricsLogger(
+            cfg.metrics,
+            self.out_dir,
+            rank=self.rank,
+            total_steps=cfg.run.steps,
+            max_seconds=cfg.run.max_seconds,
+        )
         self.last_stats: dict[str, Any] = {}
         self.last_eval: dict[str, Any] = {}
+        self.totals = {"samples": 0, "teacher_wait_s": 0.0}  # this process's steps, for the summary
         self.step = 0  # optimizer steps done
         self.data_position = 0  # micro-batches consumed (per rank; the same index on every rank)
         log.info(
@@ -173,6 +180,7 @@ class Trainer:
         self.metrics.start(self.step)
         stream = iter(source)
         last_saved = self.step
+        budget_end = time.perf_counter() + cfg.run.max_seconds if cfg.run.max_seconds else math.inf
         while self.step < cfg.run.steps:
             t0 = time.perf_counter()
             micro = list(itertools.islice(stream, accum))
@@ -180,7 +188,7 @@ class Trainer:
                 raise RuntimeError(
                     f"the data feed ended early at step {self.step} ({len(micro)} micro-batches)"
                 )
-            stats = self.last_stats = self.train_step(micro, stop=bool(stop.signum))
+            stats = self.last_stats = self.train_step(micro, stop=bool(stop.signum), budget_end=budget_end)
             self.step += 1
             self.data_position += accum
             self.metrics.log_step(
@@ -188,6 +196,9 @@ class Trainer:
             )
             if stats["stop"]:  # a rank got SIGINT/SIGTERM: every rank knows it from this step's all-reduce
                 return last_saved
+            if stats["out_of_time"]:  # run.max_seconds: the run ends here, as at run.steps
+                log.info("run.max_seconds=%g reached after step %d", cfg.run.max_seconds, self.step)
+                break
             if cfg.run.eval_every and self.step % cfg.run.eval_every == 0:
                 self._run_eval()
             if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
@@ -196,20 +207,31 @@ class Trainer:
         return last_saved
 
     def _finish(self, last_saved: int) -> dict[str, Any]:
-        cfg = self.cfg
-        summary = {"step": self.step, "loss": self.last_stats.get("loss")}
+        """Final evaluation, checkpoint and export; summary.json and the summary line."""
+        cfg, train_s = self.cfg, self.metrics.elapsed_s
+        summary = {"step": self.step, "loss": self.last_stats.get("loss"), "kd": self.last_stats.get("kd")}
+        summary |= {"ce": self.last_stats.get("ce"), "train_s": train_s, "samples": self.totals["samples"]}
+        summary["samples_per_s"] = self.totals["samples"] / max(train_s, 1e-9)
+        if cfg.uses_teacher:
+            summary["teacher_wait_s"] = self.totals["teacher_wait_s"]
         if self.eval_data is not None:
             summary |= self.last_eval if self.last_eval.get("step") == self.step else self._run_eval()
         if last_saved != self.step:
             self.save()
+        summary["checkpoint"] = str(self.checkpointer.step_dir(self.step))
         if cfg.checkpoint.export:
+            summary["export"] = str(self.out_dir / "final")
             export_pretrained(self.model, self.tokenizer, self.out_dir / "final", rank=self.rank)
         self._write_summary(summary)
+        self.metrics.log_summary(summary)
         return summary
 
-    def train_step(self, micro: list[MicroBatch], *, stop: bool = False) -> dict[str, Any]:
-        """Accumulate gradients over the micro-batches, clip, step AdamW and the LR schedule. `stop` (this rank
-        was asked to stop) travels with the loss sums' all-reduce: stats["stop"] is true on every rank."""
+    def train_step(
+        self, micro: list[MicroBatch], *, stop: bool = False, budget_end: float = math.inf
+    ) -> dict[str, Any]:
+        """Accumulate gradients over the micro-batches, clip, step AdamW and the LR schedule. Two flags travel
+        with the loss sums' all-reduce, so every rank sees the same: stats["stop"] (a rank was asked to stop)
+        and stats["out_of_time"] (a rank passed `budget_end`, run.max_seconds)."""
         sums, n_tokens = accumulate_gradients(
             self.model, micro, distill=self.cfg.distill, device=self.device, dp_size=self.dims.dp_size
         )
@@ -218,10 +240,18 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        reduced = all_reduce_sum(torch.cat([sums, torch.tensor([float(stop)], dtype=sums.dtype)]))
-        means = (reduced[:-1] / max(n_tokens, 1.0)).tolist()
+        flags = torch.tensor([float(stop), float(time.perf_counter() > budget_end)], dtype=sums.dtype)
+        reduced = all_reduce_sum(torch.cat([sums, flags]))
+        means = (reduced[:-2] / max(n_tokens, 1.0)).tolist()
         stats = {k: None if math.isnan(v) else v for k, v in zip(LossSums._fields, means, strict=True)}
-        return stats | {"lr": lr, "gnorm": gnorm, "tokens": int(n_tokens), "stop": bool(reduced[-1] > 0)}
+        stop_any, late = (bool(f > 0) for f in reduced[-2:])
+        return stats | {
+            "lr": lr,
+            "gnorm": gnorm,
+            "tokens": int(n_tokens),
+            "stop": stop_any,
+            "out_of_time": late,
+        }
 
     def _step_record(
         self, stats: dict, micro: list[MicroBatch], source: TeacherSource, dt: float
@@ -234,8 +264,11 @@ class Trainer:
             "step_time_s": dt,
             "mem_gb": memory_gb(self.device),
         }
+        self.totals["samples"] += len(ids)
         if self.cfg.uses_teacher:
-            record |= {"teacher_wait_ms": sum(mb.wait_ms for mb in micro), "prefetch": source.depth}
+            wait_ms = sum(mb.wait_ms for mb in micro)
+            self.totals["teacher_wait_s"] += wait_ms / 1e3
+            record |= {"teacher_wait_ms": wait_ms, "prefetch": source.depth}
         return record | {"data_position": self.data_position, "sample_ids": ids.tolist()}
 
     def _run_eval(self) -> dict[str, float]:

@@ -20,6 +20,11 @@ exactly the results that were answered, and the caller sends the rest again if i
 teacher feed does, exactly once per batch). Failures raise a `TeacherError` subclass (code, details,
 `retryable`); local argument mistakes (unknown signal name, wrong score_from length) raise ValueError before
 any RPC.
+
+Tensor data plane: `open_data_plane()` asks for a session (asymkd.contract.DataPlaneOffer); a ScoreQuery naming
+it gets its FULL / HIDDEN rows as RemoteRefs, which `score`/`score_stream` hand to the caller's `fetch_remote`
+coroutine (the student's side of the pair group, student_trainer/sources/data_plane.py) and put into the
+results. `output_layer()` streams the teacher's output layer (for HIDDEN).
 """
 
 from __future__ import annotations
@@ -29,30 +34,36 @@ import functools
 import itertools
 import logging
 import threading
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import grpc
 import grpc.aio
 import torch
 
-from asymkd.contract import GenerateChunk, GeneratedSample, SequenceScores, Signal, TeacherInfo
+from asymkd.contract import (
+    DataPlaneOffer,
+    GenerateChunk,
+    GeneratedSample,
+    SequenceScores,
+    Signal,
+    TeacherInfo,
+)
+from asymkd.remote import RemoteRef
 from asymkd.v1 import teacher_pb2 as pb
 from asymkd.v1 import teacher_pb2_grpc as pb_grpc
 from asymkd.wire import (
     DataLossError,
-    ScoreAssembly,
     ScoreQuery,
     TokenIds,
     collect_samples,
     decode_generate_chunk,
-    decode_score_response,
+    decode_pieces,
     expected_rows,
     generate_request,
     info_from_proto,
+    tensor_from_proto,
 )
 from teacher_server.client_policy import (
     InvalidRequestError,
@@ -66,6 +77,7 @@ from teacher_server.client_policy import (
     error_from_rpc,
     service_config,
 )
+from teacher_server.client_stream import FetchRemote, ScoreStreamRun, fill_results, query_source
 from teacher_server.security import ClientSecurity
 
 __all__ = [
@@ -140,6 +152,39 @@ class AsyncTeacherClient:
         except grpc.aio.AioRpcError as e:
             raise self.error(e, "GetInfo") from e
 
+    async def open_data_plane(self, backend: str = "gloo") -> DataPlaneOffer:
+        """A data-plane session on one replica (the caller joins its pair group; see the module docstring)."""
+        try:
+            req = pb.OpenDataPlaneRequest(backend=backend)
+            msg = await self.stub.OpenDataPlane(req, timeout=self.timeout_s, metadata=self._metadata)
+        except grpc.aio.AioRpcError as e:
+            raise self.error(e, "OpenDataPlane") from e
+        return DataPlaneOffer(
+            msg.session, msg.store_host, msg.store_port, msg.token, msg.backend, msg.timeout_s
+        )
+
+    async def output_layer(self, chunk_bytes: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The teacher's output layer: weight (V, H) and bias (V,) or None, in the dtype it serves (check it
+        against `info().output_layer`: asymkd.wire.output_layer_fingerprint)."""
+        parts, bias = [], None
+        call = self.stub.GetOutputLayer(
+            pb.GetOutputLayerRequest(chunk_bytes=chunk_bytes), timeout=self.timeout_s, metadata=self._metadata
+        )
+        try:
+            async for msg in call:
+                if msg.first_row != sum(p.shape[0] for p in parts):
+                    raise TeacherError(
+                        grpc.StatusCode.DATA_LOSS, "output layer rows out of order", self.target
+                    )
+                parts.append(tensor_from_proto(msg.weight, "weight"))
+                if msg.HasField("bias"):
+                    bias = tensor_from_proto(msg.bias, "bias")
+        except grpc.aio.AioRpcError as e:
+            raise self.error(e, "GetOutputLayer") from e
+        if not parts:
+            raise TeacherError(grpc.StatusCode.DATA_LOSS, "empty output layer", self.target, "GetOutputLayer")
+        return torch.cat(parts), bias
+
     async def score(
         self,
         seqs: Sequence[TokenIds],
@@ -160,11 +205,15 @@ class AsyncTeacherClient:
         )
         return await self.score_query(query)
 
-    async def score_query(self, query: ScoreQuery) -> list[SequenceScores]:
+    async def score_query(
+        self, query: ScoreQuery, fetch_remote: FetchRemote | None = None
+    ) -> list[SequenceScores]:
         req = query.to_proto(self.new_request_id())
         try:
             resp = await self.stub.Score(req, timeout=self.timeout_s, metadata=self._metadata)
-            results = decode_score_response(resp)
+            results = [decode_pieces([r]) for r in resp.results]
+            refs = [RemoteRef.from_proto(m) for m in resp.remote]
+            results = await fill_results(results, refs, expected_rows(req), fetch_remote)
         except grpc.aio.AioRpcError as e:
             raise self.error(e, "Score") from e
         except DataLossError as e:
@@ -180,6 +229,7 @@ class AsyncTeacherClient:
         *,
         max_in_flight: int = 8,
         ordered: bool = True,
+        fetch_remote: FetchRemote | None = None,
         **defaults,
     ) -> AsyncIterator[list[SequenceScores] | tuple[int, list[SequenceScores]]]:
         """Pipelined scoring on one ScoreStream call (one replica, picked by the channel's balancer).
@@ -188,8 +238,9 @@ class AsyncTeacherClient:
         arguments). At most `max_in_flight` requests are submitted and not yet yielded. Yields each request's
         list[SequenceScores] in submission order (ordered=True), else (index, results) as they complete.
         Raises TeacherTimeoutError when a request waits > timeout_s for its answer, and the call's
-        TeacherError when it fails: the results yielded so far are exactly those that were answered."""
-        run = _ScoreStreamRun(self, max_in_flight, _query_source(queries, defaults))
+        TeacherError when it fails: the results yielded so far are exactly those that were answered.
+        `fetch_remote` receives the data-plane tensors of queries naming a session."""
+        run = ScoreStreamRun(self, max_in_flight, query_source(queries, defaults), fetch_remote)
         try:
             async for item in run.results(ordered):
                 yield item
@@ -226,145 +277,6 @@ class AsyncTeacherClient:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
-
-
-def _query_source(queries, defaults: dict) -> Callable[[], object]:
-    """An async `next()` over sync or async iterables of queries (None at the end). A sync iterator is
-    advanced on a worker thread: a slow data loader must not stall the event loop's RPCs."""
-
-    async def next_query():
-        if is_async:
-            q = await anext(it, None)
-        elif isinstance(queries, list | tuple):
-            q = next(it, None)
-        else:
-            q = await asyncio.to_thread(next, it, None)
-        return q if q is None or isinstance(q, ScoreQuery) else ScoreQuery(q, **defaults)
-
-    is_async = hasattr(queries, "__aiter__")
-    it = aiter(queries) if is_async else iter(queries)
-    return next_query
-
-
-@dataclass(eq=False)
-class _Pending:
-    index: int
-    request_id: str
-    assembly: ScoreAssembly
-    sent_at: float
-
-
-class _ScoreStreamRun:
-    """One score_stream(): one ScoreStream call, the window of requests sent and not yet yielded, results in
-    order. A writer task sends queued requests (a slow send never blocks reading), a reader task forwards
-    every response, then the end (None or the AioRpcError), to `events`."""
-
-    def __init__(self, client: AsyncTeacherClient, max_in_flight: int, source: Callable):
-        if max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
-        self.c, self.window, self.source = client, max_in_flight, source
-        self.events: asyncio.Queue = asyncio.Queue()
-        self.outbox: asyncio.Queue = asyncio.Queue()
-        self.call = None
-        self.tasks: list[asyncio.Task] = []
-        self.pending: dict[str, _Pending] = {}  # sent, not yet answered
-        self.ready: dict[int, list[SequenceScores]] = {}  # answered, not yet yielded
-        self.submitted = 0
-
-    async def results(self, ordered: bool):
-        exhausted, next_out = False, 0
-        while True:
-            if ordered:  # deliver first: the consumer may be what frees the source's next item
-                while next_out in self.ready:
-                    yield self.ready.pop(next_out)
-                    next_out += 1
-            else:
-                while self.ready:
-                    yield self.ready.popitem()
-            while not exhausted and len(self.pending) + len(self.ready) < self.window:
-                query = await self.source()
-                exhausted = query is None
-                if not exhausted:
-                    self._submit(query)
-            if exhausted and not self.pending and not self.ready:
-                return
-            if self.pending:
-                self._handle(await self._next_event())
-
-    def _submit(self, query: ScoreQuery) -> None:
-        if self.call is None:
-            self.call = self.c.stub.ScoreStream(metadata=self.c._metadata)
-            self.tasks = [asyncio.create_task(self._write()), asyncio.create_task(self._read())]
-        req = query.to_proto(self.c.new_request_id())
-        self.pending[req.request_id] = _Pending(
-            self.submitted, req.request_id, ScoreAssembly(expected_rows(req)), time.monotonic()
-        )
-        self.submitted += 1
-        self.outbox.put_nowait(req)
-
-    async def _write(self) -> None:
-        try:
-            # A write racing the server's refusal of the call (a missing token, draining) makes grpc.aio
-            # report INTERNAL "Internal error from Core" instead of the refusal
-            # (https://github.com/grpc/grpc/issues/36066): wait until the call is established first.
-            await self.call.wait_for_connection()
-            while (req := await self.outbox.get()) is not None:
-                await self.call.write(req)
-            await self.call.done_writing()
-        except Exception as e:  # the call failed: the reader reports its status
-            log.debug("ScoreStream writer stopped: %r", e)
-
-    async def _read(self) -> None:
-        try:
-            while (msg := await self.call.read()) is not grpc.aio.EOF:
-                self.events.put_nowait(msg)
-            self.events.put_nowait(None)
-        except grpc.aio.AioRpcError as e:
-            self.events.put_nowait(e)
-
-    async def _next_event(self):
-        # Answers already queued arrived in time: hand them over before judging any deadline, or a caller
-        # that pulls results more slowly than timeout_s would get DEADLINE_EXCEEDED for answered requests.
-        if not self.events.empty():
-            return self.events.get_nowait()
-        oldest = min(self.pending.values(), key=lambda p: p.sent_at)
-        wait_s = oldest.sent_at + self.c.timeout_s - time.monotonic()
-        try:
-            return await asyncio.wait_for(self.events.get(), max(wait_s, 0.0))
-        except TimeoutError:
-            msg = f"request {oldest.request_id} unanswered after {self.c.timeout_s} s"
-            raise TeacherTimeoutError(
-                grpc.StatusCode.DEADLINE_EXCEEDED, msg, self.c.target, "ScoreStream"
-            ) from None
-
-    def _handle(self, event) -> None:
-        if isinstance(event, pb.ScoreResponse):
-            p = self.pending.get(event.request_id)
-            if p is None:
-                return
-            try:
-                p.assembly.add(event)
-                if p.assembly.complete:
-                    del self.pending[event.request_id]
-                    self.ready[p.index] = p.assembly.results()
-            except DataLossError as e:
-                raise TeacherError(grpc.StatusCode.DATA_LOSS, str(e), self.c.target, "ScoreStream") from e
-            return
-        if event is None:  # an OK end with requests unanswered: the server went away between them
-            msg = f"stream ended with {len(self.pending)} requests unanswered"
-            raise TeacherUnavailableError(grpc.StatusCode.UNAVAILABLE, msg, self.c.target, "ScoreStream")
-        raise self.c.error(event, "ScoreStream") from event
-
-    async def close(self) -> None:
-        """All answered: half-close and let the server end the call. Abandoned early or failed: cancel it."""
-        if self.call is None:
-            return
-        if not self.pending:
-            self.outbox.put_nowait(None)
-            await asyncio.wait(self.tasks, timeout=5.0)
-        for t in self.tasks:
-            t.cancel()
-        self.call.cancel()
 
 
 # ------------------------------------------------------------------------------------ blocking client
@@ -407,6 +319,8 @@ class TeacherClient:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     info = _blocking(AsyncTeacherClient.info)
+    open_data_plane = _blocking(AsyncTeacherClient.open_data_plane)
+    output_layer = _blocking(AsyncTeacherClient.output_layer)
     score = _blocking(AsyncTeacherClient.score)
     score_query = _blocking(AsyncTeacherClient.score_query)
     generate = _blocking(AsyncTeacherClient.generate)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import replace
 
 import torch
 
@@ -130,18 +129,17 @@ def scores_from_hidden(
     """Signal for one item from its (R, H) final hidden rows (row r predicts item.targets[r]).
 
     `logits_fn` is the output layer, (N, H) -> (N, V); it runs on CHUNK_ROWS rows at a time, so at most
-    CHUNK_ROWS × V logits are live. HIDDEN returns the rows themselves (with the target log-probs).
+    CHUNK_ROWS × V logits are live. HIDDEN returns the rows themselves and nothing else: the output layer
+    does not run at all (the student applies it, from GetOutputLayer).
     """
-    logit_params = replace(params, signal=Signal.TARGET_ONLY) if params.signal == Signal.HIDDEN else params
+    if params.signal == Signal.HIDDEN:
+        return SequenceScores(hidden=hidden.to(params.value_dtype).cpu())
     parts = []
     for a in range(0, hidden.shape[0], CHUNK_ROWS):
         b = min(a + CHUNK_ROWS, hidden.shape[0])
         logits = logits_fn(hidden[a:b])
-        parts.append(scores_from_logits(logits, row_slice(item, a, b), logit_params, generator))
-    out = parts[0] if len(parts) == 1 else concat_scores(parts)
-    if params.signal == Signal.HIDDEN:
-        out.hidden = hidden.to(params.value_dtype).cpu()
-    return out
+        parts.append(scores_from_logits(logits, row_slice(item, a, b), params, generator))
+    return parts[0] if len(parts) == 1 else concat_scores(parts)
 
 
 def row_slice(item: ScoreItem, a: int, b: int) -> ScoreItem:
@@ -181,13 +179,18 @@ def _signal_parts(
         parts["ids"], parts["logprobs"], parts["tail_logprob"] = topk_with_tail(lp, params.top_k)
     elif sig == Signal.FULL:
         parts["full"] = lp
-    elif sig == Signal.AT_IDS:
+    elif sig == Signal.AT_IDS:  # the caller's ids + the exact mass outside them: a K+1-class distribution
         at = item.at_ids[rows].to(lp.device).long()
         parts["logprobs"] = lp.gather(-1, at)
+        parts["tail_logprob"] = tail_logprob(lp, at)
     elif sig == Signal.SAMPLED:
         if generator is None:
             raise ValueError("SAMPLED needs a torch.Generator")
-        parts["ids"], parts["counts"] = sample_counts(lp.cpu(), params.num_samples, generator)
+        ids, parts["counts"] = sample_counts(lp.cpu(), params.num_samples, generator)
+        at = ids.clamp(min=0).to(lp.device)
+        parts["ids"] = ids
+        # the teacher's log-probs at the drawn ids make the student's KL estimate unbiased in value too
+        parts["logprobs"] = lp.gather(-1, at).masked_fill(ids.to(lp.device) < 0, float("-inf"))
     elif sig != Signal.TARGET_ONLY:
         raise ValueError(f"signal {sig!r} is not computed from logits")
     return parts

@@ -241,6 +241,7 @@ async def _drain(
         log.warning("drain timeout (%.0f s): cancelling the calls still in flight", cfg.drain_timeout_s)
     # A short grace for what is not a Teacher call (health watchers, reflection), then cancel.
     await server.stop(grace=1.0)
+    servicer.close()  # data-plane sessions: their peers see the groups go
     await batcher.close()
     await backend.close()
     log.info("stopped")

@@ -9,7 +9,7 @@ logged with its traceback -> INTERNAL. A client that goes away cancels its work 
 A refusal no retry can fix (request over --max-request-tokens, response over the message limit) also sets
 the trailing metadata ("asymkd-retryable", "false"); a full queue does not (it is worth retrying).
 Bytes that are not a valid request message are the caller's mistake too: the methods are registered with
-request deserializers that never raise (`add_teacher_servicer`); what did not parse arrives as an
+request deserializers that never raise (`add_teacher_servicer`, registration.py); what did not parse arrives as an
 `Undecodable` and is answered INVALID_ARGUMENT (`request: not a valid asymkd.v1.ScoreRequest (...)`; on
 ScoreStream `stream message N: ...`, N counted from 0), where gRPC's own deserializer failure gave UNKNOWN.
 
@@ -23,6 +23,11 @@ full queue) ends the whole stream with that request's status, its details starti
 request_id must be non-empty and unique among a stream's in-flight requests. While the server drains
 (SIGTERM) a stream takes no new request and ends with UNAVAILABLE once every request it took is answered,
 so a long-lived stream neither holds the shutdown up nor loses a request.
+
+Transport (validation.parse_transport): PACKED_IDS packs ids and counts to ceil(log2 V) bits; a request naming
+a `data_plane_session` (OpenDataPlane, data_plane.py) gets its FULL / HIDDEN rows over that session's group,
+described by ScoreResponse.remote on its final response (an unknown session: FAILED_PRECONDITION, before any
+scoring). GetOutputLayer streams the output layer (output_layer.py) that turns HIDDEN rows into logits.
 """
 
 from __future__ import annotations
@@ -32,87 +37,35 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 
 import grpc
-from google.protobuf import message_factory
 
-from asymkd.contract import SequenceScores
+from asymkd.contract import DataPlane, IdEncoding, SequenceScores, Signal
+from asymkd.remote import RemoteRef
 from asymkd.v1 import teacher_pb2 as pb
 from asymkd.v1 import teacher_pb2_grpc
-from asymkd.wire import WireError, chunk_to_proto, info_to_proto, scores_to_proto, split_results
+from asymkd.wire import VALUE_DTYPES, WireError, chunk_to_proto, info_to_proto, scores_to_proto, split_results
 from teacher_server.backends.base import ScoreParams, TeacherBackend, UnsupportedSignal
 from teacher_server.batching import MicroBatcher
 from teacher_server.config import ServeConfig
+from teacher_server.data_plane import DataPlaneServer, SessionClosed
 from teacher_server.metrics import Metrics
+from teacher_server.output_layer import OutputLayerExport
+from teacher_server.registration import add_teacher_servicer, checked  # noqa: F401  (server.py imports it here)
 from teacher_server.validation import (
     Limits,
     RequestError,
+    Transport,
     check_response_size,
     estimate_response_bytes,
     invalid,
     parse_generate_request,
     parse_score_request,
+    parse_transport,
 )
 
 log = logging.getLogger("asymkd.teacher.servicer")
-
-
-@dataclass(frozen=True)
-class Undecodable:
-    """A request message that did not parse: the type it should have been and the parser's error."""
-
-    type_name: str
-    error: str
-
-    def refusal(self, where: str = "request") -> RequestError:
-        return invalid(where, f"not a valid {self.type_name} ({self.error})")
-
-
-def _decoder(message_class) -> Callable[[bytes], object]:
-    """A request deserializer that never raises: a message, or an Undecodable the handler refuses."""
-    name = message_class.DESCRIPTOR.full_name
-
-    def decode(data: bytes):
-        try:
-            return message_class.FromString(data)
-        except Exception as e:  # DecodeError, or whatever the parser raises on hostile bytes
-            return Undecodable(name, str(e) or type(e).__name__)
-
-    return decode
-
-
-def _checked(request, where: str = "request"):
-    if isinstance(request, Undecodable):
-        raise request.refusal(where)
-    return request
-
-
-_HANDLER_KINDS = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
-
-
-def add_teacher_servicer(servicer: TeacherServicer, server: grpc.aio.Server) -> None:
-    """What the generated `add_TeacherServicer_to_server` does, with request deserializers that never raise
-    (built from the service descriptor with grpc's own handler factories)."""
-    service = pb.DESCRIPTOR.services_by_name["Teacher"]
-    handlers = {}
-    for method in service.methods:
-        request_class = message_factory.GetMessageClass(method.input_type)
-        response_class = message_factory.GetMessageClass(method.output_type)
-        make = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
-        handlers[method.name] = make(
-            getattr(servicer, method.name),
-            request_deserializer=_decoder(request_class),
-            response_serializer=response_class.SerializeToString,
-        )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
-    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 def status_of(exc: BaseException, rpc: str) -> tuple[grpc.StatusCode, str]:
@@ -142,10 +95,20 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self.data_plane: DataPlaneServer | None = None
+        self.output_layer: OutputLayerExport | None = None
 
     def attach(self, backend: TeacherBackend, batcher: MicroBatcher) -> None:
         self.limits = Limits.from_info(backend.info, self.cfg.max_request_tokens)
+        if Signal.HIDDEN in backend.info.signals:
+            self.output_layer = OutputLayerExport.of(backend)
+        self.data_plane = DataPlaneServer(self.cfg.host, getattr(backend, "device", "cpu"))  # store: lazily
         self.backend, self.batcher = backend, batcher
+
+    def close(self) -> None:
+        """Close the data-plane sessions (their peers see the groups go)."""
+        if self.data_plane is not None:
+            self.data_plane.close()
 
     async def drain(self, timeout_s: float) -> bool:
         """Refuse new calls (UNAVAILABLE) and wait for those in flight; False if some outlived the timeout.
@@ -198,33 +161,60 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
 
     async def GetInfo(self, request: pb.GetInfoRequest, context) -> pb.TeacherInfo:
         async with self._call("GetInfo", context):
-            _checked(request)
+            checked(request)
             backend, _, limits = self._ready()
+            layer = self.output_layer
+            torch_plane = self.data_plane and self.data_plane.available_backends(self.data_plane.device)
             info = dataclasses.replace(
                 backend.info,
                 max_top_k=limits.max_top_k,
                 max_request_tokens=self.cfg.max_request_tokens,
                 max_message_bytes=self.cfg.max_message_bytes,
+                value_dtypes=VALUE_DTYPES,
+                id_encodings=tuple(IdEncoding),
+                data_planes=(DataPlane.GRPC, DataPlane.TORCH) if torch_plane else (DataPlane.GRPC,),
+                output_layer=None if layer is None else await asyncio.to_thread(layer.info),  # hashed once
             )
             return info_to_proto(info)
 
     async def _score(
         self, request: pb.ScoreRequest, max_bytes: int | None
-    ) -> tuple[ScoreParams, list[SequenceScores]]:
-        """Validate and score one request; `max_bytes` refuses a result that cannot travel (unary)."""
+    ) -> tuple[ScoreParams, list[SequenceScores], Transport, list[RemoteRef]]:
+        """Validate and score one request; `max_bytes` refuses a result that cannot travel (unary). FULL /
+        HIDDEN rows of a request naming a data-plane session go to that session (RemoteRefs)."""
         _, batcher, limits = self._ready()
         items, params = parse_score_request(request, limits)
+        transport = parse_transport(request, limits)
+        if transport.remote:
+            self._session(transport.session)  # refused before any work
         if max_bytes is not None:
-            check_response_size(estimate_response_bytes(items, params, limits), max_bytes, params)
-        return params, await batcher.submit(items, params)
+            estimate = estimate_response_bytes(items, params, limits, transport.remote)
+            check_response_size(estimate, max_bytes, params)
+        scores = await batcher.submit(items, params)
+        refs = []
+        if transport.remote:
+            try:
+                refs = self.data_plane.detach_remote(transport.session, scores)
+            except SessionClosed as e:
+                raise RequestError(
+                    grpc.StatusCode.FAILED_PRECONDITION, "data_plane_session", str(e)
+                ) from None
+        return params, scores, transport, refs
+
+    def _session(self, name: str) -> None:
+        try:
+            self.data_plane.session(name)
+        except SessionClosed as e:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, "data_plane_session", str(e)) from None
 
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
         async with self._call("Score", context):
-            params, scores = await self._score(_checked(request), self.cfg.max_message_bytes)
+            params, scores, tr, refs = await self._score(checked(request), self.cfg.max_message_bytes)
             response = pb.ScoreResponse(
                 request_id=request.request_id,
-                results=[scores_to_proto(s, i) for i, s in enumerate(scores)],
+                results=[scores_to_proto(s, i, None, tr.id_bits) for i, s in enumerate(scores)],
                 last=True,
+                remote=[r.to_proto() for r in refs],
             )
             # The estimate was checked before scoring; this catches what it could not know.
             check_response_size(response.ByteSize(), self.cfg.max_message_bytes, params)
@@ -240,16 +230,45 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
 
     async def score_one_streamed(self, request: pb.ScoreRequest) -> list[pb.ScoreResponse]:
         """Score one request of a stream and encode its result as one or more ScoreResponses."""
-        _, scores = await self._score(request, None)
+        _, scores, tr, refs = await self._score(request, None)
         rid = request.request_id
-        out = [pb.ScoreResponse(request_id=rid, results=g) for g in split_results(scores, self.chunk_bytes)]
+        groups = split_results(scores, self.chunk_bytes, tr.id_bits)
+        out = [pb.ScoreResponse(request_id=rid, results=g) for g in groups]
         out[-1].last = True
+        out[-1].remote.extend(r.to_proto() for r in refs)
         return out
+
+    async def OpenDataPlane(self, request: pb.OpenDataPlaneRequest, context) -> pb.DataPlaneOffer:
+        async with self._call("OpenDataPlane", context):
+            checked(request)
+            self._ready()
+            if self.cfg.tls_cert and not self.data_plane.sessions:
+                log.warning("data plane: tensors travel unencrypted (gloo/NCCL have no TLS); the token only "
+                            "decides who joins")  # fmt: skip
+            return pb.DataPlaneOffer(**vars(self.data_plane.open(request.backend)))
+
+    async def GetOutputLayer(self, request: pb.GetOutputLayerRequest, context) -> AsyncIterator:
+        async with self._call("GetOutputLayer", context):
+            checked(request)
+            self._ready()
+            if request.chunk_bytes < 0:
+                raise invalid(
+                    "chunk_bytes", f"{request.chunk_bytes} is negative (0 = the server's chunk size)"
+                )
+            if self.output_layer is None:
+                raise RequestError(
+                    grpc.StatusCode.UNIMPLEMENTED,
+                    "",
+                    "this teacher serves no output layer (no HIDDEN signal)",
+                )
+            chunk_bytes = min(request.chunk_bytes or self.chunk_bytes, self.cfg.max_message_bytes // 2)
+            for msg in self.output_layer.chunks(max(chunk_bytes, 1024)):
+                yield msg
 
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
         async with self._call("Generate", context):
             backend, _, limits = self._ready()
-            prompts, params = parse_generate_request(_checked(request), limits)
+            prompts, params = parse_generate_request(checked(request), limits)
             chunks = backend.generate(prompts, params)
             # aclosing: a client that goes away closes the backend's generator, which stops its work.
             async with _aclosing(chunks):
@@ -315,7 +334,7 @@ class _StreamSession:
             async for request in self.requests:
                 position += 1
                 await self.slots.acquire()
-                rid = _checked(request, f"stream message {position}").request_id
+                rid = checked(request, f"stream message {position}").request_id
                 if self.servicer.draining:
                     raise _shutting_down(f"request {rid!r} was not started; send it to another replica")
                 if not rid:

@@ -5,6 +5,7 @@ backends/base.py). Token ids are checked with vectorized numpy ops: a request ma
 
     limits = Limits.from_info(backend.info, cfg)
     items, params = parse_score_request(request, limits)      # raises RequestError
+    transport = parse_transport(request, limits)              # id encoding, data-plane session
     prompts, gparams = parse_generate_request(request, limits)
 """
 
@@ -17,7 +18,8 @@ import grpc
 import numpy as np
 import torch
 
-from asymkd.contract import NO_RETRY_METADATA, Signal, TeacherInfo
+from asymkd.contract import NO_RETRY_METADATA, IdEncoding, Signal, TeacherInfo
+from asymkd.packing import id_bits
 from asymkd.v1 import teacher_pb2 as pb
 from asymkd.wire import TORCH_OF_DTYPE, VALUE_DTYPES, WireError, tensor_from_proto
 from teacher_server.backends.base import GenerateParams, ScoreItem, ScoreParams
@@ -175,8 +177,8 @@ def _at_ids(seq: pb.TokenSequence, field: str, rows: int, limits: Limits) -> tor
         at = tensor_from_proto(seq.at_ids, field)
     except WireError as e:
         raise invalid(e.field, str(e).split(": ", 1)[1]) from None
-    if at.dtype not in (torch.int32, torch.int64):
-        raise invalid(f"{field}.dtype", f"{at.dtype} is not an integer dtype (use INT32)")
+    if at.dtype not in (torch.int32, torch.int64):  # PACKED_UINT decodes to int64
+        raise invalid(f"{field}.dtype", f"{at.dtype} is not an integer dtype (use INT32 or PACKED_UINT)")
     if at.dim() != 2 or at.shape[0] != rows or not 1 <= at.shape[1] <= limits.max_top_k:
         raise invalid(
             f"{field}.shape",
@@ -204,6 +206,30 @@ def _score_item(seq: pb.TokenSequence, i: int, params: ScoreParams, limits: Limi
     return ScoreItem(token_ids=torch.from_numpy(ids), score_from=seq.score_from, at_ids=at_ids)
 
 
+@dataclass(frozen=True)
+class Transport:
+    """How a Score answer travels: `id_bits` > 0 packs ids and counts to that many bits per id (PACKED_IDS);
+    `session` names the data-plane session that FULL / HIDDEN rows go over ("" = in the messages)."""
+
+    id_bits: int = 0
+    session: str = ""
+
+    @property
+    def remote(self) -> bool:
+        return bool(self.session)
+
+
+def parse_transport(req: pb.ScoreRequest, limits: Limits) -> Transport:
+    encoding = req.id_encoding or pb.INT32_IDS
+    if _enum_name(pb.IdEncoding, encoding) is None:
+        raise invalid("id_encoding", f"unknown value {encoding}")
+    session = req.data_plane_session
+    if len(session) > 128 or not session.isascii():
+        raise invalid("data_plane_session", "not a session name from OpenDataPlane")
+    bits = id_bits(limits.vocab_size) if encoding == IdEncoding.PACKED_IDS else 0
+    return Transport(id_bits=bits, session=session)
+
+
 def parse_score_request(req: pb.ScoreRequest, limits: Limits) -> tuple[list[ScoreItem], ScoreParams]:
     """Validate a ScoreRequest; returns the engine items (in order) and their shared params."""
     if not req.sequences:
@@ -224,13 +250,20 @@ def response_bytes_per_row(params: ScoreParams, limits: Limits) -> int:
     if params.signal == Signal.HIDDEN:
         return limits.hidden_size * v
     if params.signal == Signal.SAMPLED:
-        return params.num_samples * 8 + v
-    return v  # TARGET_ONLY; AT_IDS adds m values per row (below)
+        return params.num_samples * (8 + v) + v
+    if params.signal == Signal.AT_IDS:
+        return 2 * v  # + m values per row (estimate_response_bytes)
+    return v  # TARGET_ONLY
 
 
-def estimate_response_bytes(items: list[ScoreItem], params: ScoreParams, limits: Limits) -> int:
-    """The encoded size of a unary ScoreResponse for these items, slightly over-estimated."""
+def estimate_response_bytes(
+    items: list[ScoreItem], params: ScoreParams, limits: Limits, remote: bool = False
+) -> int:
+    """The encoded size of a unary ScoreResponse for these items, slightly over-estimated; `remote`: FULL /
+    HIDDEN rows travel over the data plane, not in the message."""
     per_row = response_bytes_per_row(params, limits)
+    if remote and params.signal in (Signal.FULL, Signal.HIDDEN):
+        per_row = torch.empty((), dtype=params.value_dtype).element_size()
     v = torch.empty((), dtype=params.value_dtype).element_size()
     total = 0
     for item in items:

@@ -24,35 +24,51 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61symkd/v1/teacher.proto\x12\tasymkd.v1\"F\n\x06Tensor\x12\x1f\n\x05\x64type\x18\x01 \x01(\x0e\x32\x10.asymkd.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"Y\n\rTokenSequence\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x12\n\nscore_from\x18\x02 \x01(\x05\x12!\n\x06\x61t_ids\x18\x03 \x01(\x0b\x32\x11.asymkd.v1.Tensor\"\xe0\x01\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\tsequences\x18\x02 \x03(\x0b\x32\x18.asymkd.v1.TokenSequence\x12!\n\x06signal\x18\x03 \x01(\x0e\x32\x11.asymkd.v1.Signal\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12%\n\x0bvalue_dtype\x18\x06 \x01(\x0e\x32\x10.asymkd.v1.DType\x12\x13\n\x0bnum_samples\x18\x07 \x01(\x05\x12\x0c\n\x04seed\x18\x08 \x01(\x04\"\xbb\x02\n\x0eSequenceScores\x12\x1e\n\x03ids\x18\x01 \x01(\x0b\x32\x11.asymkd.v1.Tensor\x12#\n\x08logprobs\x18\x02 \x01(\x0b\x32\x11.asymkd.v1.Tensor\x12\'\n\x0ctail_logprob\x18\x03 \x01(\x0b\x32\x11.asymkd.v1.Tensor\x12)\n\x0etarget_logprob\x18\x04 \x01(\x0b\x32\x11.asymkd.v1.Tensor\x12\x1f\n\x04\x66ull\x18\x05 \x01(\x0b\x32\x11.asymkd.v1.Tensor\x12!\n\x06hidden\x18\x06 \x01(\x0b\x32\x11.asymkd.v1.Tensor\x12\x16\n\x0esequence_index\x18\x07 \x01(\x05\x12\x11\n\tfirst_row\x18\x08 \x01(\x05\x12!\n\x06\x63ounts\x18\t \x01(\x0b\x32\x11.asymkd.v1.Tensor\"]\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x07results\x18\x02 \x03(\x0b\x32\x19.asymkd.v1.SequenceScores\x12\x0c\n\x04last\x18\x03 \x01(\x08\"\x10\n\x0eGetInfoRequest\"\xf3\x02\n\x0bTeacherInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x04 \x01(\x05\x12\x13\n\x0bmax_seq_len\x18\x05 \x01(\x05\x12\x11\n\tmax_top_k\x18\x06 \x01(\x05\x12\x16\n\x0etokenizer_hash\x18\x07 \x01(\t\x12\x1c\n\x14tensor_parallel_size\x18\x08 \x01(\x05\x12\x1e\n\x16pipeline_parallel_size\x18\t \x01(\x05\x12\"\n\x07signals\x18\n \x03(\x0e\x32\x11.asymkd.v1.Signal\x12\r\n\x05\x64type\x18\x0b \x01(\t\x12\x1a\n\x12max_request_tokens\x18\x0c \x01(\x05\x12\x19\n\x11max_message_bytes\x18\r \x01(\x03\x12\x15\n\reos_token_ids\x18\x0e \x03(\x05\x12\x1c\n\x14tokenizer_vocab_size\x18\x0f \x01(\x05\"\x9a\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x07prompts\x18\x02 \x03(\x0b\x32\x18.asymkd.v1.TokenSequence\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\t\n\x01n\x18\x06 \x01(\x05\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x0e\n\x06greedy\x18\x08 \x01(\x08\x12\x16\n\x0etop_k_logprobs\x18\t \x01(\x05\x12\x16\n\x0estop_token_ids\x18\n \x03(\x05\x12%\n\x0bvalue_dtype\x18\x0b \x01(\x0e\x32\x10.asymkd.v1.DTypeB\x07\n\x05_seed\"\x80\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0cprompt_index\x18\x02 \x01(\x05\x12\x14\n\x0csample_index\x18\x03 \x01(\x05\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12#\n\x08logprobs\x18\x05 \x01(\x0b\x32\x11.asymkd.v1.Tensor\x12\"\n\x07top_ids\x18\x06 \x01(\x0b\x32\x11.asymkd.v1.Tensor\x12\'\n\x0ctop_logprobs\x18\x07 \x01(\x0b\x32\x11.asymkd.v1.Tensor\x12\x10\n\x08\x66inished\x18\x08 \x01(\x08\x12\x15\n\rfinish_reason\x18\t \x01(\t*g\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\t\n\x05INT32\x10\x04\x12\t\n\x05INT64\x10\x05\x12\t\n\x05UINT8\x10\x06*k\n\x06Signal\x12\x16\n\x12SIGNAL_UNSPECIFIED\x10\x00\x12\t\n\x05TOP_K\x10\x01\x12\x0f\n\x0bTARGET_ONLY\x10\x02\x12\n\n\x06\x41T_IDS\x10\x03\x12\x0b\n\x07SAMPLED\x10\x04\x12\x08\n\x04\x46ULL\x10\x05\x12\n\n\x06HIDDEN\x10\x06\x32\x90\x02\n\x07Teacher\x12<\n\x07GetInfo\x12\x19.asymkd.v1.GetInfoRequest\x1a\x16.asymkd.v1.TeacherInfo\x12:\n\x05Score\x12\x17.asymkd.v1.ScoreRequest\x1a\x18.asymkd.v1.ScoreResponse\x12\x44\n\x0bScoreStream\x12\x17.asymkd.v1.ScoreRequest\x1a\x18.asymkd.v1.ScoreResponse(\x01\x30\x01\x12\x45\n\x08Generate\x12\x1a.asymkd.v1.GenerateRequest\x1a\x1b.asymkd.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61symkd/v1/teacher.proto\x12\tasymkd.v1\"d\n\x06Tensor\x12\x1f\n\x05\x64type\x18\x01 \x01(\x0e\x32\x10.asymkd.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04\x62its\x18\x04 \x01(\x05\x12\x0e\n\x06offset\x18\x05 \x01(\x03\"Y\n\rTokenSequence\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x12\n\nscore_from\x18\x02 \x01(\x05\x12!\n\x06\x61t_ids\x18\x03 \x01(\x0b\x32\x11.asymkd.v1.Tensor\"\xa8\x02\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\tsequences\x18\x02 \x03(\x0b\x32\x18.asymkd.v1.TokenSequence\x12!\n\x06signal\x18\x03 \x01(\x0e\x32\x11.asymkd.v1.Signal\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12%\n\x0bvalue_dtype\x18\x06 \x01(\x0e\x32\x10.asymkd.v1.DType\x12\x13\n\x0bnum_samples\x18\x07 \x01(\x05\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12*\n\x0bid_encoding\x18\t \x01(\x0e\x32\x15.asymkd.v1.IdEncoding\x12\x1a\n\x12\x64\x61ta_plane_session\x18\n \x01(\t\"\xbb\x02\n\x0eSequenceScores\x12\x1e\n\x03ids\x18\x01 \x01(\x0b\x32\x11.asymkd.v1.Tensor\x12#\n\x08logprobs\x18\x02 \x01(\x0b\x32\x11.asymkd.v1.Tensor\x12\'\n\x0ctail_logprob\x18\x03 \x01(\x0b\x32\x11.asymkd.v1.Tensor\x12)\n\x0etarget_logprob\x18\x04 \x01(\x0b\x32\x11.asymkd.v1.Tensor\x12\x1f\n\x04\x66ull\x18\x05 \x01(\x0b\x32\x11.asymkd.v1.Tensor\x12!\n\x06hidden\x18\x06 \x01(\x0b\x32\x11.asymkd.v1.Tensor\x12\x16\n\x0esequence_index\x18\x07 \x01(\x05\x12\x11\n\tfirst_row\x18\x08 \x01(\x05\x12!\n\x06\x63ounts\x18\t \x01(\x0b\x32\x11.asymkd.v1.Tensor\"\x86\x01\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x07results\x18\x02 \x03(\x0b\x32\x19.asymkd.v1.SequenceScores\x12\x0c\n\x04last\x18\x03 \x01(\x08\x12\'\n\x06remote\x18\x04 \x03(\x0b\x32\x17.asymkd.v1.RemoteTensor\"Z\n\x0cRemoteTensor\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x1f\n\x05\x64type\x18\x02 \x01(\x0e\x32\x10.asymkd.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0b\n\x03tag\x18\x04 \x01(\x04\"\'\n\x14OpenDataPlaneRequest\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\"|\n\x0e\x44\x61taPlaneOffer\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x12\n\nstore_host\x18\x02 \x01(\t\x12\x12\n\nstore_port\x18\x03 \x01(\x05\x12\r\n\x05token\x18\x04 \x01(\x0c\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x11\n\ttimeout_s\x18\x06 \x01(\x02\",\n\x15GetOutputLayerRequest\x12\x13\n\x0b\x63hunk_bytes\x18\x01 \x01(\x03\"i\n\x10OutputLayerChunk\x12\x11\n\tfirst_row\x18\x01 \x01(\x03\x12!\n\x06weight\x18\x02 \x01(\x0b\x32\x11.asymkd.v1.Tensor\x12\x1f\n\x04\x62ias\x18\x03 \x01(\x0b\x32\x11.asymkd.v1.Tensor\"s\n\x0fOutputLayerInfo\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x13\n\x0blogit_scale\x18\x03 \x01(\x01\x12\x15\n\rlogit_softcap\x18\x04 \x01(\x01\x12\x10\n\x08has_bias\x18\x05 \x01(\x08\"\x10\n\x0eGetInfoRequest\"\xa5\x04\n\x0bTeacherInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x04 \x01(\x05\x12\x13\n\x0bmax_seq_len\x18\x05 \x01(\x05\x12\x11\n\tmax_top_k\x18\x06 \x01(\x05\x12\x16\n\x0etokenizer_hash\x18\x07 \x01(\t\x12\x1c\n\x14tensor_parallel_size\x18\x08 \x01(\x05\x12\x1e\n\x16pipeline_parallel_size\x18\t \x01(\x05\x12\"\n\x07signals\x18\n \x03(\x0e\x32\x11.asymkd.v1.Signal\x12\r\n\x05\x64type\x18\x0b \x01(\t\x12\x1a\n\x12max_request_tokens\x18\x0c \x01(\x05\x12\x19\n\x11max_message_bytes\x18\r \x01(\x03\x12\x15\n\reos_token_ids\x18\x0e \x03(\x05\x12\x1c\n\x14tokenizer_vocab_size\x18\x0f \x01(\x05\x12&\n\x0cvalue_dtypes\x18\x10 \x03(\x0e\x32\x10.asymkd.v1.DType\x12+\n\x0cid_encodings\x18\x11 \x03(\x0e\x32\x15.asymkd.v1.IdEncoding\x12)\n\x0b\x64\x61ta_planes\x18\x12 \x03(\x0e\x32\x14.asymkd.v1.DataPlane\x12\x30\n\x0coutput_layer\x18\x13 \x01(\x0b\x32\x1a.asymkd.v1.OutputLayerInfo\"\x9a\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x07prompts\x18\x02 \x03(\x0b\x32\x18.asymkd.v1.TokenSequence\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\t\n\x01n\x18\x06 \x01(\x05\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x0e\n\x06greedy\x18\x08 \x01(\x08\x12\x16\n\x0etop_k_logprobs\x18\t \x01(\x05\x12\x16\n\x0estop_token_ids\x18\n \x03(\x05\x12%\n\x0bvalue_dtype\x18\x0b \x01(\x0e\x32\x10.asymkd.v1.DTypeB\x07\n\x05_seed\"\x80\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0cprompt_index\x18\x02 \x01(\x05\x12\x14\n\x0csample_index\x18\x03 \x01(\x05\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12#\n\x08logprobs\x18\x05 \x01(\x0b\x32\x11.asymkd.v1.Tensor\x12\"\n\x07top_ids\x18\x06 \x01(\x0b\x32\x11.asymkd.v1.Tensor\x12\'\n\x0ctop_logprobs\x18\x07 \x01(\x0b\x32\x11.asymkd.v1.Tensor\x12\x10\n\x08\x66inished\x18\x08 \x01(\x08\x12\x15\n\rfinish_reason\x18\t \x01(\t*x\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\t\n\x05INT32\x10\x04\x12\t\n\x05INT64\x10\x05\x12\t\n\x05UINT8\x10\x06\x12\x0f\n\x0bPACKED_UINT\x10\x07*H\n\nIdEncoding\x12\x1b\n\x17ID_ENCODING_UNSPECIFIED\x10\x00\x12\r\n\tINT32_IDS\x10\x01\x12\x0e\n\nPACKED_IDS\x10\x02*<\n\tDataPlane\x12\x1a\n\x16\x44\x41TA_PLANE_UNSPECIFIED\x10\x00\x12\x08\n\x04GRPC\x10\x01\x12\t\n\x05TORCH\x10\x02*k\n\x06Signal\x12\x16\n\x12SIGNAL_UNSPECIFIED\x10\x00\x12\t\n\x05TOP_K\x10\x01\x12\x0f\n\x0bTARGET_ONLY\x10\x02\x12\n\n\x06\x41T_IDS\x10\x03\x12\x0b\n\x07SAMPLED\x10\x04\x12\x08\n\x04\x46ULL\x10\x05\x12\n\n\x06HIDDEN\x10\x06\x32\xb0\x03\n\x07Teacher\x12<\n\x07GetInfo\x12\x19.asymkd.v1.GetInfoRequest\x1a\x16.asymkd.v1.TeacherInfo\x12:\n\x05Score\x12\x17.asymkd.v1.ScoreRequest\x1a\x18.asymkd.v1.ScoreResponse\x12\x44\n\x0bScoreStream\x12\x17.asymkd.v1.ScoreRequest\x1a\x18.asymkd.v1.ScoreResponse(\x01\x30\x01\x12\x45\n\x08Generate\x12\x1a.asymkd.v1.GenerateRequest\x1a\x1b.asymkd.v1.GenerateResponse0\x01\x12K\n\rOpenDataPlane\x12\x1f.asymkd.v1.OpenDataPlaneRequest\x1a\x19.asymkd.v1.DataPlaneOffer\x12Q\n\x0eGetOutputLayer\x12 .asymkd.v1.GetOutputLayerRequest\x1a\x1b.asymkd.v1.OutputLayerChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'asymkd.v1.teacher_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1777
-  _globals['_DTYPE']._serialized_end=1880
-  _globals['_SIGNAL']._serialized_start=1882
-  _globals['_SIGNAL']._serialized_end=1989
+  _globals['_DTYPE']._serialized_start=2628
+  _globals['_DTYPE']._serialized_end=2748
+  _globals['_IDENCODING']._serialized_start=2750
+  _globals['_IDENCODING']._serialized_end=2822
+  _globals['_DATAPLANE']._serialized_start=2824
+  _globals['_DATAPLANE']._serialized_end=2884
+  _globals['_SIGNAL']._serialized_start=2886
+  _globals['_SIGNAL']._serialized_end=2993
   _globals['_TENSOR']._serialized_start=38
-  _globals['_TENSOR']._serialized_end=108
-  _globals['_TOKENSEQUENCE']._serialized_start=110
-  _globals['_TOKENSEQUENCE']._serialized_end=199
-  _globals['_SCOREREQUEST']._serialized_start=202
-  _globals['_SCOREREQUEST']._serialized_end=426
-  _globals['_SEQUENCESCORES']._serialized_start=429
-  _globals['_SEQUENCESCORES']._serialized_end=744
-  _globals['_SCORERESPONSE']._serialized_start=746
-  _globals['_SCORERESPONSE']._serialized_end=839
-  _globals['_GETINFOREQUEST']._serialized_start=841
-  _globals['_GETINFOREQUEST']._serialized_end=857
-  _globals['_TEACHERINFO']._serialized_start=860
-  _globals['_TEACHERINFO']._serialized_end=1231
-  _globals['_GENERATEREQUEST']._serialized_start=1234
-  _globals['_GENERATEREQUEST']._serialized_end=1516
-  _globals['_GENERATERESPONSE']._serialized_start=1519
-  _globals['_GENERATERESPONSE']._serialized_end=1775
-  _globals['_TEACHER']._serialized_start=1992
-  _globals['_TEACHER']._serialized_end=2264
+  _globals['_TENSOR']._serialized_end=138
+  _globals['_TOKENSEQUENCE']._serialized_start=140
+  _globals['_TOKENSEQUENCE']._serialized_end=229
+  _globals['_SCOREREQUEST']._serialized_start=232
+  _globals['_SCOREREQUEST']._serialized_end=528
+  _globals['_SEQUENCESCORES']._serialized_start=531
+  _globals['_SEQUENCESCORES']._serialized_end=846
+  _globals['_SCORERESPONSE']._serialized_start=849
+  _globals['_SCORERESPONSE']._serialized_end=983
+  _globals['_REMOTETENSOR']._serialized_start=985
+  _globals['_REMOTETENSOR']._serialized_end=1075
+  _globals['_OPENDATAPLANEREQUEST']._serialized_start=1077
+  _globals['_OPENDATAPLANEREQUEST']._serialized_end=1116
+  _globals['_DATAPLANEOFFER']._serialized_start=1118
+  _globals['_DATAPLANEOFFER']._serialized_end=1242
+  _globals['_GETOUTPUTLAYERREQUEST']._serialized_start=1244
+  _globals['_GETOUTPUTLAYERREQUEST']._serialized_end=1288
+  _globals['_OUTPUTLAYERCHUNK']._serialized_start=1290
+  _globals['_OUTPUTLAYERCHUNK']._serialized_end=1395
+  _globals['_OUTPUTLAYERINFO']._serialized_start=1397
+  _globals['_OUTPUTLAYERINFO']._serialized_end=1512
+  _globals['_GETINFOREQUEST']._serialized_start=1514
+  _globals['_GETINFOREQUEST']._serialized_end=1530
+  _globals['_TEACHERINFO']._serialized_start=1533
+  _globals['_TEACHERINFO']._serialized_end=2082
+  _globals['_GENERATEREQUEST']._serialized_start=2085
+  _globals['_GENERATEREQUEST']._serialized_end=2367
+  _globals['_GENERATERESPONSE']._serialized_start=2370
+  _globals['_GENERATERESPONSE']._serialized_end=2626
+  _globals['_TEACHER']._serialized_start=2996
+  _globals['_TEACHER']._serialized_end=3428
 # @@protoc_insertion_point(module_scope)

@@ -54,6 +54,16 @@ class TeacherStub:
                 request_serializer=asymkd_dot_v1_dot_teacher__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=asymkd_dot_v1_dot_teacher__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.OpenDataPlane = channel.unary_unary(
+                '/asymkd.v1.Teacher/OpenDataPlane',
+                request_serializer=asymkd_dot_v1_dot_teacher__pb2.OpenDataPlaneRequest.SerializeToString,
+                response_deserializer=asymkd_dot_v1_dot_teacher__pb2.DataPlaneOffer.FromString,
+                _registered_method=True)
+        self.GetOutputLayer = channel.unary_stream(
+                '/asymkd.v1.Teacher/GetOutputLayer',
+                request_serializer=asymkd_dot_v1_dot_teacher__pb2.GetOutputLayerRequest.SerializeToString,
+                response_deserializer=asymkd_dot_v1_dot_teacher__pb2.OutputLayerChunk.FromString,
+                _registered_method=True)
 
 
 class TeacherServicer:
@@ -86,6 +96,22 @@ class TeacherServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenDataPlane(self, request, context):
+        """The tensor data plane: a torch.distributed pair group (gloo on CPU, NCCL on GPU) between this server and
+        the caller, over which the FULL / HIDDEN rows of requests naming the session travel (ScoreResponse.remote).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetOutputLayer(self, request, context):
+        """The teacher's output layer (for HIDDEN: the student rebuilds the exact distribution), rows in chunks;
+        TeacherInfo.output_layer describes it (dtype, extras, fingerprint of exactly these bytes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TeacherServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -108,6 +134,16 @@ def add_TeacherServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=asymkd_dot_v1_dot_teacher__pb2.GenerateRequest.FromString,
                     response_serializer=asymkd_dot_v1_dot_teacher__pb2.GenerateResponse.SerializeToString,
+            ),
+            'OpenDataPlane': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenDataPlane,
+                    request_deserializer=asymkd_dot_v1_dot_teacher__pb2.OpenDataPlaneRequest.FromString,
+                    response_serializer=asymkd_dot_v1_dot_teacher__pb2.DataPlaneOffer.SerializeToString,
+            ),
+            'GetOutputLayer': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetOutputLayer,
+                    request_deserializer=asymkd_dot_v1_dot_teacher__pb2.GetOutputLayerRequest.FromString,
+                    response_serializer=asymkd_dot_v1_dot_teacher__pb2.OutputLayerChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -218,6 +254,60 @@ class Teacher:
             '/asymkd.v1.Teacher/Generate',
             asymkd_dot_v1_dot_teacher__pb2.GenerateRequest.SerializeToString,
             asymkd_dot_v1_dot_teacher__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenDataPlane(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/asymkd.v1.Teacher/OpenDataPlane',
+            asymkd_dot_v1_dot_teacher__pb2.OpenDataPlaneRequest.SerializeToString,
+            asymkd_dot_v1_dot_teacher__pb2.DataPlaneOffer.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOutputLayer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/asymkd.v1.Teacher/GetOutputLayer',
+            asymkd_dot_v1_dot_teacher__pb2.GetOutputLayerRequest.SerializeToString,
+            asymkd_dot_v1_dot_teacher__pb2.OutputLayerChunk.FromString,
             options,
             channel_credentials,
             insecure,

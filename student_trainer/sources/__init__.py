@@ -13,6 +13,7 @@
 | `TeacherFeed` | `teacher.targets` | live.py | teacher servers over gRPC, `teacher.prefetch` batches in flight, exactly once |
 | `InProcessTeacher` | `teacher.in_process` | in_process.py | the backend in this process: score, then train |
 | `CachedTeacher` | `teacher.cache` | cache.py | answers written by `asymkd cache write`, read from disk |
+| `CachedTeacher` + a live source | `teacher.cache` + `targets` or `in_process` | cache.py | mixed: rows the cache lacks are scored live |
 
 A new source (on-policy rollouts, a tensor data plane) implements `TeacherSource` and gets a line in
 `build_teacher_source`. Every source runs the same handshake on its teacher's facts (`common.negotiate`:
@@ -22,7 +23,7 @@ tokenizer, vocabulary, signal, sequence length) before the first step, and lays 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from student_trainer.config import DistillSection, TeacherSection
 from student_trainer.sources.base import NoTeacher, StudentSide, TeacherSource
@@ -31,18 +32,27 @@ from student_trainer.sources.base import NoTeacher, StudentSide, TeacherSource
 def build_teacher_source(
     teacher: TeacherSection, distill: DistillSection, batches: Iterable[dict], student: StudentSide
 ) -> TeacherSource:
-    """The source the config names (at most one of cache, in_process, targets; none = CE only). Raises
-    common.TeacherCompatError when the teacher does not fit the student (checked here, before step 1)."""
+    """The source the config names: a live teacher (in_process or targets), a cache, a cache with a live
+    teacher for the rows it lacks (mixed), or none (CE only). Raises common.TeacherCompatError when the
+    teacher does not fit the student (checked here, before step 1)."""
+    live = _live_source(teacher, distill, student)
     if teacher.cache:
         from student_trainer.sources.cache import CachedTeacher
 
-        return CachedTeacher(batches, teacher, distill, student)
+        return CachedTeacher(batches, teacher, distill, student, live=live)
+    return live(batches) if live is not None else NoTeacher(batches)
+
+
+def _live_source(
+    teacher: TeacherSection, distill: DistillSection, student: StudentSide
+) -> Callable[[Iterable[dict]], TeacherSource] | None:
+    """batches -> the live source of the config (in_process or targets), or None."""
     if teacher.in_process is not None:
         from student_trainer.sources.in_process import InProcessTeacher
 
-        return InProcessTeacher(batches, teacher, distill, student)
+        return lambda batches: InProcessTeacher(batches, teacher, distill, student)
     if teacher.targets:
         from student_trainer.sources.live import TeacherFeed
 
-        return TeacherFeed(batches, teacher, distill, student)
-    return NoTeacher(batches)
+        return lambda batches: TeacherFeed(batches, teacher, distill, student)
+    return None

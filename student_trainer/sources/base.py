@@ -8,9 +8,9 @@ class MySource:                       # implements TeacherSource
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -21,8 +21,11 @@ class TeacherBatch:
     """Teacher answers for one batch, rows aligned with logits[:, :-1] (row t predicts input_ids[:, t+1]).
 
     TOP_K: ids (B, T-1, k) int64, logprobs (B, T-1, k) float32 (descending), tail_logprob (B, T-1) = log of
-    the mass outside the top-k. target_logprob (B, T-1). FULL: full (B, T-1, V) log-probs. valid (B, T-1)
-    bool: rows the teacher scored; other rows hold a placeholder (uniform over ids 0..k-1): mask them out."""
+    the mass outside the top-k. AT_IDS: the same, ids being the student's own. SAMPLED: ids (B, T-1, m) (-1
+    padded), counts (B, T-1, m), logprobs (B, T-1, m) at the ids. target_logprob (B, T-1). FULL: full
+    (B, T-1, V) log-probs. HIDDEN: hidden (B, T-1, H) and `head` (teacher_head.TeacherHead, the same object
+    for every batch). valid (B, T-1) bool: rows the teacher scored; other rows hold a placeholder (uniform
+    over ids 0..k-1, zero hidden state, no draws): mask them out."""
 
     valid: Tensor
     ids: Tensor | None = None
@@ -30,6 +33,9 @@ class TeacherBatch:
     tail_logprob: Tensor | None = None
     target_logprob: Tensor | None = None
     full: Tensor | None = None
+    hidden: Tensor | None = None
+    counts: Tensor | None = None
+    head: Any = None  # TeacherHead (hidden signal); not a tensor: `to()` leaves it where it is
 
     def to(self, device: torch.device | str) -> TeacherBatch:
         moved = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in vars(self).items()}
@@ -37,15 +43,32 @@ class TeacherBatch:
 
 
 @dataclass
+class Resolver:
+    """MicroBatch.resolve for AT_IDS: `resolver(ids)` asks the teacher about the student's ids (B, T-1, m),
+    which must lie below `teacher_vocab` (None: the student's own width), and returns the TeacherBatch."""
+
+    ask: Callable[[Tensor], TeacherBatch]
+    teacher_vocab: int | None = None
+
+    def __call__(self, ids: Tensor) -> TeacherBatch:
+        return self.ask(ids)
+
+
+@dataclass
 class MicroBatch:
     """One data batch (`input_ids` (B, T), `loss_mask` (B, T-1), `sample_ids` (B,)) with its teacher answer
     (None without a teacher); wait_ms = how long the training loop waited for it; index = its position in
-    the data stream (0, 1, 2, ... from where this run started)."""
+    the data stream (0, 1, 2, ... from where this run started).
+
+    AT_IDS asks the teacher about the student's own ids, known only after the student's forward: such a
+    micro-batch comes with `teacher` holding `valid` only and `resolve(ids)`, which takes the student's ids
+    (B, T-1, m), asks the teacher (adding its wait to wait_ms) and returns the whole TeacherBatch."""
 
     batch: dict[str, Tensor]
     teacher: TeacherBatch | None = None
     wait_ms: float = 0.0
     index: int = -1
+    resolve: Resolver | None = None
 
 
 @dataclass(frozen=True)

@@ -12,17 +12,24 @@ produces; they count as probability 0 on the other side. Student wider (V_s > V_
 columns in the tail bucket (TOP_K) or give the teacher -inf there (FULL). Teacher wider (V_t > V_s): a source
 asks for top_k + (V_t − V_s) ids (capped at max_top_k), keeps the first top_k real ones and folds the rest,
 padded ids included, into tail_logprob (the K+1 classes still hold all the mass); FULL rows are cut to V_s
-and renormalized. The packed row length must fit the teacher's max_seq_len.
+and renormalized; HIDDEN rows go through the teacher's own output layer, whose logits the loss cuts the same
+way (teacher_head.py); SAMPLED draws of ids the student does not have are dropped (their weight goes to the
+other draws). The packed row length must fit the teacher's max_seq_len.
+
+Signals: every one of `distill.signal` must be on the teacher's list; hidden also needs its output layer
+(GetInfo.output_layer), `teacher.data_plane: torch` needs the TORCH data plane, and top_k (TOP_K, AT_IDS) /
+num_samples (SAMPLED) must not exceed max_top_k.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 from torch import Tensor
 
-from asymkd.contract import SequenceScores, Signal, TeacherInfo
+from asymkd.contract import DataPlane, SequenceScores, Signal, TeacherInfo
 from student_trainer.config import DistillSection, TeacherSection
 from student_trainer.sources.base import StudentSide, TeacherBatch
 
@@ -89,8 +96,20 @@ def negotiate(
             f"data.seq_len={student.seq_len} exceeds the teacher's max_seq_len={info.max_seq_len}"
         )
     k = distill.top_k
-    if wanted == Signal.TOP_K and k > info.max_top_k:
+    if wanted in (Signal.TOP_K, Signal.AT_IDS) and k > info.max_top_k:
         raise TeacherCompatError(f"distill.top_k={k} exceeds the teacher's max_top_k={info.max_top_k}")
+    if wanted == Signal.SAMPLED and distill.num_samples > info.max_top_k:
+        raise TeacherCompatError(
+            f"distill.num_samples={distill.num_samples} exceeds the teacher's max_top_k={info.max_top_k}"
+        )
+    if wanted == Signal.HIDDEN and info.output_layer is None:
+        raise TeacherCompatError(f"teacher {info.model!r} serves no output layer: the hidden signal needs it")
+    if teacher.data_plane == "torch" and DataPlane.TORCH not in info.data_planes:
+        raise TeacherCompatError(
+            f"teacher {info.model!r} offers no torch data plane (teacher.data_plane=torch)"
+        )
+    if wanted != Signal.TOP_K:
+        return k
     return min(k + max(info.vocab_size - student.vocab_size, 0), max(info.max_top_k, k))
 
 
@@ -107,6 +126,12 @@ def fit_teacher_vocab(s: SequenceScores, vocab_size: int, top_k: int) -> Sequenc
     """Drop teacher ids >= vocab_size (a wider, padded teacher vocab; see the module docstring)."""
     if s.full is not None and s.full.shape[-1] > vocab_size:
         s.full = torch.log_softmax(s.full[:, :vocab_size].float(), dim=-1)
+    if s.counts is not None:  # SAMPLED: a draw the student cannot represent becomes padding
+        outside = s.ids >= vocab_size
+        if bool(outside.any()):
+            s.ids, s.counts = s.ids.masked_fill(outside, -1), s.counts.masked_fill(outside, 0)
+            s.logprobs = None if s.logprobs is None else s.logprobs.masked_fill(outside, float("-inf"))
+        return s
     if s.ids is None or (s.ids.shape[1] == top_k and bool((s.ids < vocab_size).all())):
         return s
     real = s.ids < vocab_size
@@ -125,33 +150,85 @@ def fit_teacher_vocab(s: SequenceScores, vocab_size: int, top_k: int) -> Sequenc
     return s
 
 
+def _placeholders(first: SequenceScores, b: int, rows: int, top_k: int) -> TeacherBatch:
+    """(B, T-1, ·) tensors holding the placeholder of an unscored row, for the fields `first` has. FULL and
+    HIDDEN rows are left uninitialized (scatter_scores writes every row of them)."""
+    out = TeacherBatch(valid=torch.zeros(b, rows, dtype=torch.bool))
+    width = top_k if first.logprobs is None else first.logprobs.shape[1]  # k, m (AT_IDS, SAMPLED)
+    if first.ids is not None or first.logprobs is not None:
+        out.ids = torch.arange(width, dtype=torch.int64).expand(b, rows, width).clone()
+        out.logprobs = torch.full((b, rows, width), -math.log(width))
+    if first.tail_logprob is not None:
+        out.tail_logprob = torch.full((b, rows), float("-inf"))
+    if first.counts is not None:
+        out.counts = torch.zeros(b, rows, width, dtype=torch.int64)
+    if first.full is not None:
+        out.full = torch.empty(b, rows, first.full.shape[-1])
+    if first.hidden is not None:
+        out.hidden = torch.empty(b, rows, first.hidden.shape[-1], dtype=first.hidden.dtype)
+    if first.target_logprob is not None:
+        out.target_logprob = torch.zeros(b, rows)
+    return out
+
+
+def _joined(parts: list[Tensor]) -> Tensor | None:
+    """A (B, R, W) view of per-sequence (R, W) row blocks that lie one after the other in one contiguous tensor
+    (the data plane's one tensor per request, split by sequence): no copy of FULL rows. None otherwise."""
+    first = parts[0]
+    base, step = first.storage_offset(), first.numel()
+    for i, part in enumerate(parts):
+        same = part.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        if not (
+            same
+            and part.is_contiguous()
+            and part.shape == first.shape
+            and part.storage_offset() == base + i * step
+        ):
+            return None
+    return first.as_strided((len(parts), *first.shape), (step, *first.stride()), base)
+
+
 def scatter_scores(
-    scores: list[SequenceScores], loss_mask: Tensor, *, top_k: int, vocab_size: int
+    scores: list[SequenceScores],
+    loss_mask: Tensor,
+    *,
+    top_k: int,
+    vocab_size: int,
+    at_ids: Tensor | None = None,
 ) -> TeacherBatch:
     """Per-sequence results (rows score_from..T-2) -> (B, T-1, ·) tensors + valid. Unscored rows hold a
-    well-formed placeholder (uniform over ids 0..k-1, no tail; -inf but column 0 for FULL), never NaN."""
+    well-formed placeholder (uniform over ids 0..k-1, no tail, no draws; -inf but column 0 for FULL; zeros
+    for HIDDEN), never NaN. AT_IDS: `at_ids` (B, T-1, m) are the ids asked about (the student's)."""
     b, rows = loss_mask.shape
     score_from, has_target = score_from_rows(loss_mask)
     fits = [fit_teacher_vocab(s, vocab_size, top_k) for s in scores]
-    out = TeacherBatch(valid=torch.zeros(b, rows, dtype=torch.bool))
-    first = fits[0]
-    if first.ids is not None:
-        out.ids = torch.arange(top_k, dtype=torch.int64).expand(b, rows, top_k).clone()
-        out.logprobs = torch.full((b, rows, top_k), -math.log(top_k))
-        out.tail_logprob = torch.full((b, rows), float("-inf"))
-    if first.full is not None:
-        out.full = torch.full((b, rows, first.full.shape[-1]), float("-inf"))
-        out.full[..., 0] = 0.0
-    if first.target_logprob is not None:
-        out.target_logprob = torch.zeros(b, rows)
+    out = _placeholders(fits[0], b, rows, top_k)
+    if at_ids is not None:
+        out.ids = at_ids.to("cpu", torch.int64)
     for i, s in enumerate(fits):
-        if not has_target[i]:
+        if has_target[i] and s.num_rows != rows - int(score_from[i]):
+            raise TeacherRowsError(
+                f"sequence {i}: {s.num_rows} teacher rows for {rows - int(score_from[i])} requested"
+            )
+    whole = bool(has_target.all()) and not bool(score_from.any())  # every row scored from row 0
+    for name in ("full", "hidden"):
+        joined = (
+            _joined([getattr(s, name) for s in fits]) if whole and getattr(out, name) is not None else None
+        )
+        if joined is not None and joined.shape[1] == rows:
+            setattr(out, name, joined)
+            fits = [dataclasses.replace(s, **{name: None}) for s in fits]
+    for i, s in enumerate(fits):
+        start = int(score_from[i]) if has_target[i] else rows
+        if out.full is not None:
+            out.full[i, :start] = float("-inf")
+            out.full[i, :start, 0] = 0.0
+        if out.hidden is not None:
+            out.hidden[i, :start] = 0.0
+        if start == rows:
             continue
-        start = int(score_from[i])
-        if s.num_rows != rows - start:
-            raise TeacherRowsError(f"sequence {i}: {s.num_rows} teacher rows for {rows - start} requested")
         out.valid[i, start:] = True
-        for name in ("ids", "logprobs", "tail_logprob", "target_logprob", "full"):
+        for name in ("ids", "logprobs", "tail_logprob", "target_logprob", "full", "hidden", "counts"):
             dst, src = getattr(out, name), getattr(s, name)
             if dst is not None and src is not None:
                 dst[i, start:] = src

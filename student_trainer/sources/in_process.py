@@ -16,7 +16,9 @@ teacher gives (tested tensor-equal). Prefetch depth is always 0; a MicroBatch's 
 forward it waited for.
 
 Each rank loads its own copy of the teacher (its memory is in the trainer's process). The backend's async
-methods run on a private event loop (`asyncio.Runner`) in the training thread.
+methods run on a private event loop (`asyncio.Runner`) in the training thread. Every signal: HIDDEN hands
+the backend's own output layer (teacher_head.TeacherHead.from_backend) with each batch; AT_IDS yields each
+batch with `resolve(ids)` (scored after the student's forward, like the served feed).
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ import time
 from collections.abc import Iterable, Iterator
 
 from asymkd.config import ConfigError
+from asymkd.contract import OutputLayerInfo, Signal
 from student_trainer.config import DistillSection, TeacherSection
-from student_trainer.sources.base import MicroBatch, StudentSide, TeacherBatch
-from student_trainer.sources.common import negotiate, scatter_scores, score_from_rows, wanted_signal
-from teacher_server.backends.base import ScoreItem, ScoreParams
+from student_trainer.sources.base import MicroBatch, Resolver, StudentSide, TeacherBatch
+from student_trainer.sources.common import negotiate, scatter_scores, wanted_signal
+from student_trainer.sources.signals import score_items, score_params, scored_rows
+from student_trainer.teacher_head import TeacherHead
 
 log = logging.getLogger("asymkd.student.in_process")
 
@@ -58,7 +62,12 @@ class InProcessTeacher:
         try:
             self.backend = build_backend(self.cfg)
             self._start_backend()
-            self.info = self.backend.info
+            self.signal = wanted_signal(distill)
+            self.head = None
+            if self.signal == Signal.HIDDEN:  # the backend's own layer: nothing to fetch or check
+                self.head = TeacherHead.from_backend(self.backend, student.device)
+            layer = None if self.head is None else OutputLayerInfo(dtype="float32")
+            self.info = dataclasses.replace(self.backend.info, output_layer=layer)
             self.top_k = negotiate(self.info, distill, teacher, student)
         except BaseException:
             self.close()
@@ -76,32 +85,38 @@ class InProcessTeacher:
         except (OSError, ValueError, ImportError) as e:  # a missing folder, a bad option: the user's to fix
             raise ConfigError(f"teacher.in_process: could not load {self.cfg.model!r}: {e}") from None
 
-    def score(self, batch: dict) -> TeacherBatch:
+    def score(self, batch: dict, at_ids=None) -> TeacherBatch:
         """One batch through the backend: every packed row from its first target row, laid out as a served
-        teacher's answer."""
-        score_from, _ = score_from_rows(batch["loss_mask"])
-        items = [
-            ScoreItem(token_ids=ids.long(), score_from=int(start))
-            for ids, start in zip(batch["input_ids"], score_from.tolist(), strict=True)
-        ]
-        signal = wanted_signal(self.distill)
-        params = ScoreParams(
-            signal=signal,
-            top_k=self.top_k if signal.name == "TOP_K" else 0,
-            temperature=self.distill.temperature,
+        teacher's answer (AT_IDS: at the student's ids (B, T-1, m))."""
+        items = score_items(batch, at_ids)
+        scores = self._runner.run(self.backend.score(items, score_params(self.distill, self.top_k)))
+        out = scatter_scores(
+            scores, batch["loss_mask"], top_k=self.distill.top_k, vocab_size=self.vocab_size, at_ids=at_ids
         )
-        scores = self._runner.run(self.backend.score(items, params))
-        return scatter_scores(
-            scores, batch["loss_mask"], top_k=self.distill.top_k, vocab_size=self.vocab_size
-        )
+        out.head = self.head
+        return out
 
     def __iter__(self) -> Iterator[MicroBatch]:
         for batch in self._data:
+            index, self._read = self._read, self._read + 1
+            if self.signal == Signal.AT_IDS:
+                yield self._deferred(batch, index)
+                continue
             t0 = time.perf_counter()
             teacher = self.score(batch)
-            wait_ms = (time.perf_counter() - t0) * 1e3
-            index, self._read = self._read, self._read + 1
-            yield MicroBatch(batch, teacher, wait_ms, index)
+            yield MicroBatch(batch, teacher, (time.perf_counter() - t0) * 1e3, index)
+
+    def _deferred(self, batch: dict, index: int) -> MicroBatch:
+        mb = MicroBatch(batch, TeacherBatch(valid=scored_rows(batch["loss_mask"])), 0.0, index)
+
+        def ask(ids) -> TeacherBatch:
+            t0 = time.perf_counter()
+            out = self.score(batch, ids)
+            mb.wait_ms += (time.perf_counter() - t0) * 1e3
+            return out
+
+        mb.resolve = Resolver(ask, self.info.vocab_size)
+        return mb
 
     def close(self) -> None:
         """Free the teacher (worker thread, weights) and the event loop; safe to call twice."""

@@ -24,6 +24,15 @@ up yet, for `teacher.connect_timeout_s`. Either wait logs one line per change of
 ends in a TeacherUnreachableError naming the address and the last error. Any other error (bad request,
 incompatible teacher, deadline) is raised in the training thread, gRPC status and details included. The
 handshake itself is `common.negotiate`.
+
+Signals (the request of each: signals.build_query): HIDDEN fetches the teacher's output layer at the
+handshake (teacher_head.py; again if a restarted teacher's differs) and hands it with every batch. AT_IDS
+cannot be prefetched: each MicroBatch comes with `resolve(ids)`, which the step calls after the student's
+forward; the request then goes through the same exactly-once path (the training thread waits for it).
+`teacher.data_plane: torch` opens a data-plane session at the handshake (sources/data_plane.py) with one
+replica per rank (targets[rank % n]): FULL / HIDDEN rows come over the pair group; a broken session or one
+the teacher no longer knows (it restarted) counts as a retryable failure: the batch is sent again on a new
+session.
 """
 
 from __future__ import annotations
@@ -38,10 +47,16 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 
+import grpc
+
+from asymkd.contract import IdEncoding, Signal, TeacherInfo
 from asymkd.wire import ScoreQuery
 from student_trainer.config import DistillSection, TeacherSection, client_options
-from student_trainer.sources.base import MicroBatch, StudentSide
-from student_trainer.sources.common import TeacherUnreachableError, negotiate, scatter_scores, score_from_rows
+from student_trainer.sources.base import MicroBatch, Resolver, StudentSide, TeacherBatch
+from student_trainer.sources.common import TeacherUnreachableError, negotiate, scatter_scores, wanted_signal
+from student_trainer.sources.data_plane import DataPlaneError, PlaneLink
+from student_trainer.sources.signals import build_query, id_encoding, scored_rows
+from student_trainer.teacher_head import fetch_teacher_head
 from teacher_server.client import AsyncTeacherClient, TeacherError
 
 log = logging.getLogger("asymkd.student.feed")
@@ -49,16 +64,7 @@ _END = object()
 _MAX_BACKOFF_S = 5.0
 
 
-def build_query(batch: dict, distill: DistillSection, top_k: int) -> ScoreQuery:
-    """A batch as one Score request: every packed row, scored from its first target row."""
-    score_from, _ = score_from_rows(batch["loss_mask"])
-    return ScoreQuery(
-        seqs=list(batch["input_ids"]),
-        score_from=score_from.tolist(),
-        signal=distill.signal,
-        top_k=top_k,
-        temperature=distill.temperature,
-    )
+__all__ = ["TeacherFeed", "backoff_s", "build_query"]
 
 
 def backoff_s(attempt: int, base_s: float, max_s: float) -> float:
@@ -88,9 +94,15 @@ class TeacherFeed:
         self._data = iter(batches)
         self.teacher, self.distill, self.student = teacher, distill, student
         self._factory, self._backoff_base_s = client_factory, backoff_base_s
-        # Each rank starts at a different replica; gRPC round-robins from there.
+        # Each rank starts at a different replica; gRPC round-robins from there (the data plane pins one).
         shift = student.rank % len(teacher.targets)
         self._targets = list(teacher.targets[shift:]) + list(teacher.targets[:shift])
+        if teacher.data_plane == "torch":
+            self._targets = self._targets[:1]
+        self._plane = PlaneLink(self._targets[0], student.device) if teacher.data_plane == "torch" else None
+        self._signal = wanted_signal(distill)
+        self._encoding = IdEncoding.INT32_IDS
+        self.head = None  # HIDDEN: the teacher's output layer on the student's device
         self._out: queue.Queue = queue.Queue()  # MicroBatch | _END | BaseException, in order
         self._ready: dict[int, MicroBatch] = {}  # answered, waiting for earlier batches (feed thread only)
         self._read = self._delivered = self._taken = 0
@@ -153,12 +165,14 @@ class TeacherFeed:
                 loop.call_soon_threadsafe(self._slots.release)
 
     def close(self) -> None:
-        """Stop the feed thread (batches still in flight are dropped)."""
+        """Stop the feed thread (batches still in flight are dropped) and close the data-plane session."""
         loop, task = self._loop, self._task
         if loop is not None and task is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(task.cancel)
         self._thread.join(timeout=30.0)
+        if self._plane is not None:
+            self._plane.close()
 
     # ----------------------------------------------------------------------------------- feed thread side
     def _thread_main(self) -> None:
@@ -180,7 +194,13 @@ class TeacherFeed:
             await self._handshake_until_up()
             async with asyncio.TaskGroup() as group:
                 while (item := await self._read_next()) is not None:
-                    group.create_task(self._score(*item))
+                    if self._signal == Signal.AT_IDS:  # asked after the student's forward (resolve)
+                        self._deliver(self._deferred(*item[:2]))
+                    else:
+                        group.create_task(self._score(*item))
+            if self._signal == Signal.AT_IDS:  # the last batches are asked for after their forward: keep
+                self._out.put(_END)  # the loop and the client up until close() cancels this task
+                await asyncio.Event().wait()
         except BaseExceptionGroup as group_error:  # the first failing batch's error, not the group
             raise group_error.exceptions[0] from None
         finally:
@@ -193,30 +213,62 @@ class TeacherFeed:
         if batch is _END:
             return None
         index, self._read = self._read, self._read + 1
-        return index, batch, build_query(batch, self.distill, self.top_k)
+        if self._signal == Signal.AT_IDS:
+            return index, batch, None
+        return index, batch, build_query(batch, self.distill, self.top_k, encoding=self._encoding)
 
     async def _score(self, index: int, batch: dict, query: ScoreQuery) -> None:
+        self._deliver(MicroBatch(batch, await self._answer(batch, query), 0.0, index))
+
+    def _deliver(self, mb: MicroBatch) -> None:
+        self._ready[mb.index] = mb
+        while self._delivered in self._ready:  # hand over in data order
+            self._out.put(self._ready.pop(self._delivered))
+            self._delivered += 1
+
+    def _deferred(self, index: int, batch: dict) -> MicroBatch:
+        """AT_IDS: the batch now, its teacher answer when the step calls resolve(ids) (training thread)."""
+        mb = MicroBatch(batch, TeacherBatch(valid=scored_rows(batch["loss_mask"])), 0.0, index)
+
+        def ask(ids) -> TeacherBatch:
+            t0 = time.perf_counter()
+            query = build_query(batch, self.distill, self.top_k, encoding=self._encoding, at_ids=ids)
+            answer = asyncio.run_coroutine_threadsafe(self._answer(batch, query, ids), self._loop).result()
+            mb.wait_ms += (time.perf_counter() - t0) * 1e3
+            return answer
+
+        mb.resolve = Resolver(ask, self.info.vocab_size)
+        return mb
+
+    async def _answer(self, batch: dict, query: ScoreQuery, at_ids=None) -> TeacherBatch:
         """Score one batch until it has its answer: after a retryable failure the whole batch is sent again
         (its partial answer, if any, is dropped), so it is answered exactly once."""
         while True:
-            epoch = self._epoch
+            epoch, session, fetch = self._epoch, None, {}
             try:
-                (scores,) = [s async for s in self._client.score_stream([query], max_in_flight=1)]
-            except TeacherError as e:
-                if not e.retryable:
+                if self._plane is not None:  # fetch from the very session the request names
+                    await self._plane.ensure(self._client)
+                    session = query.data_plane_session = self._plane.session
+                    fetch = {"fetch_remote": self._plane.plane.fetch_async}
+                (scores,) = [s async for s in self._client.score_stream([query], max_in_flight=1, **fetch)]
+            except (TeacherError, DataPlaneError) as e:
+                if not (isinstance(e, DataPlaneError) or e.retryable or _lost_session(e)):
                     raise
                 self.resends += 1
-                await self._recover(e, epoch)
+                if self._plane is not None:
+                    self._plane.reset(session)  # a new session comes with the handshake
+                await self._recover(e if isinstance(e, TeacherError) else _as_unavailable(e), epoch)
                 continue
             self._outage_since = None
             teacher = scatter_scores(
-                scores, batch["loss_mask"], top_k=self.distill.top_k, vocab_size=self.student.vocab_size
+                scores,
+                batch["loss_mask"],
+                top_k=self.distill.top_k,
+                vocab_size=self.student.vocab_size,
+                at_ids=at_ids,
             )
-            self._ready[index] = MicroBatch(batch, teacher, 0.0, index)
-            while self._delivered in self._ready:  # hand over in data order
-                self._out.put(self._ready.pop(self._delivered))
-                self._delivered += 1
-            return
+            teacher.head = self.head
+            return teacher
 
     async def _recover(self, err: TeacherError, epoch: int) -> None:
         """After a retryable failure: back off, then pass the handshake again; one recovery per outage (the
@@ -272,6 +324,13 @@ class TeacherFeed:
     async def _handshake(self) -> None:
         info = await self._client.info()
         self.top_k = negotiate(info, self.distill, self.teacher, self.student)
+        self._encoding = id_encoding(info, self.distill)
+        await self._fetch_head(info)
+        if self._plane is not None:
+            try:
+                await self._plane.ensure(self._client)
+            except DataPlaneError as e:  # a rendezvous that failed: like a teacher not up yet
+                raise _as_unavailable(e) from e
         if self._last_state is not None:
             log.warning("teacher answering at %s again", ",".join(self._targets))
             self._last_state = None
@@ -282,3 +341,21 @@ class TeacherFeed:
                 self.distill.top_k, self.distill.temperature, self.teacher.prefetch,
             )  # fmt: skip
             self._started.set_result(info)
+
+    async def _fetch_head(self, info: TeacherInfo) -> None:
+        """HIDDEN: the teacher's output layer, fetched once (again if a restarted teacher's differs)."""
+        if self._signal != Signal.HIDDEN:
+            return
+        known = getattr(self, "info", None)
+        if self.head is None or known is None or known.output_layer != info.output_layer:
+            self.head = await fetch_teacher_head(self._client, info, self.student.device)
+            self.info = info
+
+
+def _lost_session(e: TeacherError) -> bool:
+    """The teacher no longer knows our data-plane session (it restarted): open a new one and resend."""
+    return e.code == grpc.StatusCode.FAILED_PRECONDITION and "data_plane_session" in e.details
+
+
+def _as_unavailable(e: DataPlaneError) -> TeacherError:
+    return TeacherError(grpc.StatusCode.UNAVAILABLE, f"data plane: {e}", "", "data plane")

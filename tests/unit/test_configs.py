@@ -210,7 +210,16 @@ def test_the_example_files_load():
             ["train"],
             ["--optim.lr", "peak learning rate", "type: float", "default: 0.0003", "{cosine,constant}"],
         ),
-        (["run"], ["--nproc-per-node", "student ranks", "type: int", "default: 1", "{top_k,full}"]),
+        (
+            ["run"],
+            [
+                "--nproc-per-node",
+                "student ranks",
+                "type: int",
+                "default: 1",
+                "{top_k,full,hidden,sampled,at_ids}",
+            ],
+        ),
         (["cache", "write"], ["--out", "the cache folder", "type: str", "default: 1024", "{auto,text,jsonl"]),
     ],
 )

@@ -137,6 +137,23 @@ def test_load_packs_caches_and_splits_held_out_documents(tiny_student_dir, tmp_p
         load_packs(DataSection(paths=[str(tmp_path / "nope.txt")]), tok, "tok-a")
 
 
+def test_max_documents_keeps_the_first_training_documents_and_the_same_held_out_set(
+    tiny_student_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("ASYMKD_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"document number {i} says hello to the world." for i in range(20)))
+    tok = _tok(tiny_student_dir)
+    full = load_packs(DataSection(paths=[str(corpus)], seq_len=16, eval_fraction=0.2), tok, "t")
+    few = load_packs(
+        DataSection(paths=[str(corpus)], seq_len=16, eval_fraction=0.2, max_documents=5), tok, "t"
+    )
+    numbers = {k: re.findall(r"number (\d+)", tok.decode(v.tokens.ravel())) for k, v in full.items()}
+    kept = list(dict.fromkeys(re.findall(r"number (\d+)", tok.decode(few["train"].tokens.ravel()))))
+    assert kept == list(dict.fromkeys(numbers["train"]))[:5]  # the first five, in order
+    assert np.array_equal(few["eval"].tokens, full["eval"].tokens)
+
+
 def test_builtin_corpus_sources_are_stdlib_docstrings():
     import json as json_module
     import sysconfig

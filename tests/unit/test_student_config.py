@@ -52,11 +52,11 @@ def test_defaults_and_overrides():
         (["--teacher.prefetch", "0"], "teacher: prefetch=0"),
         (
             ["--teacher.targets", "[a:1]", "--teacher.in-process", "/t"],
-            "teacher: set one teacher source (targets, in_process or cache), got targets=['a:1'], in_process='/t'",
+            "teacher: set one live teacher (targets or in_process), got targets=['a:1'], in_process='/t'",
         ),
         (
-            ["--teacher.in_process.model", "/t", "--teacher.cache", "/c"],
-            "set one teacher source (targets, in_process or cache), got in_process='/t', cache='/c'",
+            ["--teacher.cache", "/c", "--teacher.cache_append", "true"],
+            "teacher: cache_append=true needs cache and a live teacher (targets or in_process)",
         ),
         (["--checkpoint.keep", "0"], "checkpoint: keep=0"),
         (["--run.eval_every", "5"], "run.eval_every=5 needs held-out data"),
@@ -161,12 +161,19 @@ def test_teacher_targets_refuse_garbage(target):
 
 
 def test_cache_write_keys():
-    cfg = load_config(CacheWriteConfig, None, [*BASE, "--out", "/c", "--shard-rows", "64"])
-    assert (cfg.out, cfg.shard_rows, cfg.model.tokenizer) == ("/c", 64, "/tok")
+    base = [*BASE, "--teacher.targets", "[a:1]"]
+    cfg = load_config(CacheWriteConfig, None, [*base, "--out", "/c", "--shard-rows", "64"])
+    assert (cfg.out, cfg.shard_rows, cfg.model.tokenizer, cfg.encoding) == ("/c", 64, "/tok", "delta-q4")
     with pytest.raises(ConfigError, match=r"^out='': --out DIR is required"):
-        load_config(CacheWriteConfig, None, BASE)
+        load_config(CacheWriteConfig, None, base)
     with pytest.raises(ConfigError, match=r"^shard_rows=0 is out of range"):
-        load_config(CacheWriteConfig, None, [*BASE, "--out", "/c", "--shard-rows", "0"])
+        load_config(CacheWriteConfig, None, [*base, "--out", "/c", "--shard-rows", "0"])
+    with pytest.raises(ConfigError, match=r"needs a teacher to score the rows"):
+        load_config(CacheWriteConfig, None, [*BASE, "--out", "/c"])
+    with pytest.raises(ConfigError, match=r"^out='/c' is teacher.cache"):
+        load_config(CacheWriteConfig, None, [*BASE, "--out", "/c", "--teacher.cache", "/c"])
+    with pytest.raises(ConfigError, match=r"encoding.*'delta-q2'"):
+        load_config(CacheWriteConfig, None, [*base, "--out", "/c", "--encoding", "delta-q2"])
 
 
 def test_parallel_dims():

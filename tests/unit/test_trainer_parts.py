@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from student_trainer.config import DistillSection
-from student_trainer.observability import format_duration, format_step_line
+from student_trainer.observability import format_duration, format_step_line, format_summary
 from student_trainer.parallel import clip_grad_norm
 from student_trainer.sources.base import MicroBatch, TeacherBatch
 from student_trainer.step import accumulate_gradients, loss_sums, lr_multiplier
@@ -148,10 +148,16 @@ def test_progress_line():
         "prefetch": 4,
         "mem_gb": 1.2,
     }
-    line = format_step_line(12, 300, m, eta_s=130)
+    line = format_step_line(12, 300, m, eta_s=130, elapsed_s=65)
     assert line == (
-        "step 12/300 | loss 3.2100 | kd 2.9000 | ce 3.5000 | lr 3.0e-04 | gnorm 1.23 | tok/s 4,321 | "
-        "teacher_wait 3 ms | prefetch 4 | mem 1.2 GB | eta 2m10s"
+        "+1m05s step 12/300 | train loss 3.2100 (kd 2.9000, ce 3.5000) | lr 3.0e-04 | gnorm 1.23 | "
+        "tok/s 4,321 | teacher wait 3 ms, 4 ready | mem 1.2 GB | eta 2m10s"
     )
-    assert "kd" not in format_step_line(1, 2, {**m, "kd": None, "teacher_wait_ms": None}, 0)
+    ce_only = format_step_line(1, 2, {**m, "kd": None, "teacher_wait_ms": None}, 0)
+    assert "train loss 3.2100 (ce 3.5000)" in ce_only and "kd" not in ce_only and "teacher" not in ce_only
     assert format_duration(3725) == "1h02m" and format_duration(7) == "7s"
+    summary = {"step": 300, "train_s": 200.0, "samples_per_s": 6.0, "loss": 2.9, "eval_loss": 6.12}
+    assert format_summary(summary | {"export": "runs/x/final"}) == (
+        "done: 300 steps in 3m20s (6.0 samples/s) | final train loss 2.9000 | held-out CE 6.1200 | "
+        "export runs/x/final"
+    )
