@@ -156,7 +156,8 @@ SCORE_FIELDS = tuple(f.name for f in fields(SequenceScores))
 class GenerateChunk:
     """New tokens of one (prompt, sample) since its previous chunk: token_ids, their logprobs (n,) at the
     request's temperature, top_ids (n, k) / top_logprobs (n, k) when per-token top-k was asked for; the last
-    chunk of a sample is `finished`, with its finish_reason."""
+    chunk of a sample is `finished`, with its finish_reason. `text`: with return_text, the sample's decoded
+    text new since its previous chunk (may be "" while a character is incomplete)."""
 
     prompt_index: int
     sample_index: int
@@ -166,18 +167,21 @@ class GenerateChunk:
     top_logprobs: Tensor | None = None
     finished: bool = False
     finish_reason: str = ""
+    text: str = ""
 
 
 @dataclass
 class GeneratedSample:
     """One whole sampled continuation (its chunks concatenated): token_ids (T,) int64, logprobs (T,),
-    top_ids (T, k) int64 / top_logprobs (T, k) when per-token top-k was asked for, finish_reason."""
+    top_ids (T, k) int64 / top_logprobs (T, k) when per-token top-k was asked for, finish_reason, and `text`
+    (the decoded continuation) when return_text was asked for."""
 
     token_ids: Tensor
     logprobs: Tensor
     top_ids: Tensor | None = None
     top_logprobs: Tensor | None = None
     finish_reason: str = ""
+    text: str = ""
 
 
 def tokenizer_hash(model_dir: str | Path) -> str:

@@ -57,8 +57,8 @@ def equal_budget_line(rows: list[dict[str, Any]], regime: str, epochs: float | N
     best_gain = 100.0 * (best_ce - kd["eval_loss"]) / best_ce
     text = (
         f"{where}; at {how}: held-out CE {kd['eval_loss']:.4f} (KD) vs {ce['eval_loss']:.4f} (CE only), "
-        f"{abs(gain):.1f}% {better} with distillation (vs CE-only's best evaluation, {best_ce:.4f}: "
-        f"{best_gain:+.1f}%)"
+        f"{abs(gain):.1f}% {better} with distillation; against CE-only's best evaluation of the run "
+        f"({best_ce:.4f}, as if stopped early) {abs(best_gain):.1f}% {'lower' if best_gain > 0 else 'higher'}"
     )
     out = {"basis": "equal_wall_clock" if regime == "cache" else "equal_steps", "kd": kd["eval_loss"]}
     out |= {"ce": ce["eval_loss"], "relative_reduction_pct": gain, "ce_best": best_ce}

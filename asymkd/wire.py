@@ -235,33 +235,45 @@ class ScoreQuery:
         )
 
 
+def generate_prompt(prompt: TokenIds | str, where: str) -> pb.TokenSequence:
+    """A Generate prompt: token ids, or text (a str) the server tokenizes."""
+    if isinstance(prompt, str):
+        return pb.TokenSequence(text=prompt)
+    return pb.TokenSequence(token_ids=token_ids_list(prompt, where))
+
+
 def generate_request(
-    prompts: Sequence[TokenIds],
+    prompts: Sequence[TokenIds | str],
     *,
     max_new_tokens: int = 128,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    top_k: int = 0,
     n: int = 1,
     seed: int | None = None,
     greedy: bool = False,
     top_k_logprobs: int = 0,
     stop_token_ids: Sequence[int] = (),
     value_dtype: torch.dtype | str = torch.float32,
+    return_text: bool = False,
     request_id: str = "",
 ) -> pb.GenerateRequest:
+    """Generate's arguments -> a GenerateRequest; each prompt is token ids or a str (server-tokenized)."""
+    if isinstance(prompts, str | bytes):
+        raise ValueError("prompts: a list of prompts (token-id lists or strings), not one string")
     req = pb.GenerateRequest(
         request_id=request_id,
-        prompts=[
-            pb.TokenSequence(token_ids=token_ids_list(p, f"prompts[{i}]")) for i, p in enumerate(prompts)
-        ],
+        prompts=[generate_prompt(p, f"prompts[{i}]") for i, p in enumerate(prompts)],
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,
+        top_k=top_k,
         n=n,
         greedy=greedy,
         top_k_logprobs=top_k_logprobs,
         stop_token_ids=list(stop_token_ids),
         value_dtype=value_dtype_code(value_dtype),
+        return_text=return_text,
     )
     if seed is not None:
         req.seed = seed
@@ -375,6 +387,7 @@ def chunk_to_proto(request_id: str, c: GenerateChunk) -> pb.GenerateResponse:
         logprobs=tensor_to_proto(c.logprobs),
         finished=c.finished,
         finish_reason=c.finish_reason,
+        text=c.text,
     )
     if c.top_ids is not None:
         msg.top_ids.CopyFrom(_encode("top_ids", c.top_ids))
@@ -394,6 +407,7 @@ def decode_generate_chunk(msg: pb.GenerateResponse) -> GenerateChunk:
         top_logprobs=tensor_from_proto(msg.top_logprobs, "top_logprobs") if has("top_logprobs") else None,
         finished=msg.finished,
         finish_reason=msg.finish_reason,
+        text=msg.text,
     )
 
 
@@ -420,6 +434,7 @@ def collect_samples(chunks: Iterable[GenerateChunk], num_prompts: int, n: int) -
                     top_ids=cat([c.top_ids for c in cs]),
                     top_logprobs=cat([c.top_logprobs for c in cs]),
                     finish_reason=next((c.finish_reason for c in reversed(cs) if c.finish_reason), ""),
+                    text="".join(c.text for c in cs),
                 )
             )
         out.append(row)

@@ -102,14 +102,10 @@ def make_timer_callback():
     return StepTimer()
 
 
-def run(args: argparse.Namespace) -> dict:
-    import tempfile
-
+def load_models(args: argparse.Namespace):
+    """(tokenizer, student in fp32, teacher in the run's dtype), seeded; torch threads set."""
     import torch
-    import transformers
-    import trl
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -122,49 +118,49 @@ def run(args: argparse.Namespace) -> dict:
     teacher = AutoModelForCausalLM.from_pretrained(
         args.teacher, dtype=torch.bfloat16 if bf16 else torch.float32
     )
-    dataset, seq_len = build_dataset(args.tokens, args.steps * args.batch_size)
-    tmp = tempfile.TemporaryDirectory(prefix="trl-gkd-")  # the Trainer writes a model card / final weights
-    out_dir = args.output_dir or tmp.name
-    config = GKDConfig(
-        output_dir=out_dir,
-        lmbda=0.0,  # no on-policy generation: supervised KD on the given tokens
-        seq_kd=False,
-        beta=args.beta,
-        max_steps=args.steps,
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=1,
-        learning_rate=args.lr,
-        lr_scheduler_type="cosine" if args.lr_warmup_steps else "constant",
-        warmup_steps=args.lr_warmup_steps,
-        weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm,
-        max_length=seq_len,
-        use_cpu=args.device == "cpu",
-        bf16=bf16,
-        fp16=False,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        train_sampling_strategy="sequential",  # the rows are already in asymkd's (shuffled) training order
-        seed=args.seed,
-        data_seed=args.seed,
-    )
-    timer = make_timer_callback()
-    trainer = GKDTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=config,
-        data_collator=collate,
-        train_dataset=dataset,
-        processing_class=tok,
-        callbacks=[timer],
-    )
-    t0 = time.perf_counter()
-    trainer.train()
-    wall_s = time.perf_counter() - t0
-    tmp.cleanup()
+    return tok, student, teacher
+
+
+def gkd_config(args: argparse.Namespace, out_dir: str, max_length: int, **overrides):
+    """The GKDConfig both TRL runners use (TRL's defaults where the bench sets nothing); `overrides` are
+    GKDConfig fields (lmbda, max_new_tokens, ...)."""
+    from trl.experimental.gkd import GKDConfig
+
+    bf16 = args.dtype == "bfloat16"
+    fields = {
+        "lmbda": 0.0,  # no on-policy generation: supervised KD on the given tokens
+        "seq_kd": False,
+        "beta": args.beta,
+        "max_steps": args.steps,
+        "per_device_train_batch_size": args.batch_size,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": args.lr,
+        "lr_scheduler_type": "cosine" if args.lr_warmup_steps else "constant",
+        "warmup_steps": args.lr_warmup_steps,
+        "weight_decay": args.weight_decay,
+        "max_grad_norm": args.max_grad_norm,
+        "max_length": max_length,
+        "use_cpu": args.device == "cpu",
+        "bf16": bf16,
+        "fp16": False,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        "train_sampling_strategy": "sequential",  # the rows are already in asymkd's (shuffled) training order
+        "seed": args.seed,
+        "data_seed": args.seed,
+    }
+    return GKDConfig(output_dir=out_dir, **(fields | overrides))
+
+
+def timed_result(timer, args: argparse.Namespace, wall_s: float, seq_len: int) -> dict:
+    """samples/s after the warm-up steps, peak RSS, losses, versions: the JSON of a TRL run."""
+    import torch
+    import transformers
+    import trl
+
     w = min(args.warmup_steps, len(timer.t_end) - 1)
     timed_steps = len(timer.t_end) - w
     t_start = timer.t_end[w - 1] if w > 0 else timer.t_begin
@@ -172,7 +168,6 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "impl": "trl_gkd",
         "beta": args.beta,
-        "lmbda": 0.0,
         "steps": len(timer.t_end),
         "batch_size": args.batch_size,
         "seq_len": seq_len,
@@ -194,6 +189,32 @@ def run(args: argparse.Namespace) -> dict:
             "trl": trl.__version__,
         },
     }
+
+
+def run(args: argparse.Namespace) -> dict:
+    import tempfile
+
+    from trl.experimental.gkd import GKDTrainer
+
+    tok, student, teacher = load_models(args)
+    dataset, seq_len = build_dataset(args.tokens, args.steps * args.batch_size)
+    tmp = tempfile.TemporaryDirectory(prefix="trl-gkd-")  # the Trainer writes a model card / final weights
+    config = gkd_config(args, args.output_dir or tmp.name, seq_len)
+    timer = make_timer_callback()
+    trainer = GKDTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=config,
+        data_collator=collate,
+        train_dataset=dataset,
+        processing_class=tok,
+        callbacks=[timer],
+    )
+    t0 = time.perf_counter()
+    trainer.train()
+    wall_s = time.perf_counter() - t0
+    tmp.cleanup()
+    return timed_result(timer, args, wall_s, seq_len) | {"lmbda": 0.0}
 
 
 def main(argv: list[str] | None = None) -> int:

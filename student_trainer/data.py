@@ -273,9 +273,9 @@ def _pack_key(files: list[Path], eval_files: list[Path], data: DataSection, tok_
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:20]
 
 
-def _build_packs(
+def _train_eval_documents(
     files: list[Path], eval_files: list[Path], data: DataSection, tokenizer: Any
-) -> dict[str, PackedRows]:
+) -> tuple[list[Document], list[Document]]:
     docs = read_documents(files, data, tokenizer)
     eval_docs: list[Document] = []
     if data.eval_fraction > 0:
@@ -284,6 +284,28 @@ def _build_packs(
         eval_docs = read_documents(eval_files, data, tokenizer)
     if data.max_documents:
         docs = docs[: data.max_documents]
+    return docs, eval_docs
+
+
+def load_prompt_documents(data: DataSection, tokenizer: Any, *, rank: int = 0) -> list[tuple[list[int], int]]:
+    """The training documents unpacked, one per prompt, in file order: (token ids ending in EOS, number of
+    prompt tokens), the same documents (held-out split, max_documents) the packs are made of. On-policy
+    batches (student_trainer/rollout.py) are built from these prompts."""
+    distributed = dist.is_available() and dist.is_initialized()
+    if data.builtin and rank == 0:
+        BUILTINS[data.builtin]()
+    if distributed:  # rank 0 fills the datasets cache first
+        dist.barrier()
+    files = [BUILTINS[data.builtin]()] if data.builtin else resolve_files(data.paths)
+    eval_files = resolve_files(data.eval_path) if data.eval_path else []
+    docs, _ = _train_eval_documents(files, eval_files, data, tokenizer)
+    return tokenize_documents(docs, tokenizer)
+
+
+def _build_packs(
+    files: list[Path], eval_files: list[Path], data: DataSection, tokenizer: Any
+) -> dict[str, PackedRows]:
+    docs, eval_docs = _train_eval_documents(files, eval_files, data, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     packs = {"train": pack(tokenize_documents(docs, tokenizer), data.seq_len, pad)}
     if eval_docs:

@@ -25,6 +25,8 @@ Conventions (see the functions for details):
   Sparse: the extra student columns belong to the tail bucket. Dense: teacher log-probs beyond V_t are -inf.
 - Dense teachers (FULL rows, or HIDDEN rows + the teacher's output layer) run through the fused kernel of
   dense_kd.py in blocks of ``chunk_rows`` valid rows: a HIDDEN teacher's logits exist one block at a time.
+- ``sampled_reverse_kl`` (``sampled_reverse_kl_sums``) is not a divergence over classes: it needs only the
+  teacher's log-prob of each target token (TARGET_ONLY) and is the policy-gradient loss of on-policy KD.
 - Sums, not a mix: ``distill_loss`` returns the KD sum and the CE sum (whenever targets are given) over the
   valid rows, separately; the caller weights and adds them (the trainer: kd_weight·KD + ce_weight·CE) and
   divides by the global number of target tokens (across accumulation steps and ranks).
@@ -44,6 +46,8 @@ from student_trainer.dense_kd import dense_kd_sums
 from student_trainer.sparse_kd import sparse_kd_sums
 
 LOSS_NAMES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
+# Losses on the target tokens only (the teacher's TARGET_ONLY answer), not divergences over classes.
+TOKEN_LOSS_NAMES = ("sampled_reverse_kl",)
 _NEG_INF = float("-inf")
 
 
@@ -299,3 +303,56 @@ def ce_loss_sum(student_logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     ignored = targets.reshape(-1).long().masked_fill(~mask.reshape(-1).bool(), -100)  # no row copies
     return F.cross_entropy(logits, ignored, ignore_index=-100, reduction="sum")
+
+
+def sampled_reverse_kl_sums(
+    student_logits: Tensor,
+    teacher_target_logprob: Tensor,
+    targets: Tensor,
+    mask: Tensor,
+    *,
+    temperature: float = 1.0,
+    scale_t2: bool = True,
+) -> tuple[Tensor, Tensor, int]:
+    """Sampled-token reverse KL (on-policy distillation: Thinking Machines' blog, slime, prime-rl):
+    (kd_sum, ce_sum, num_tokens) over the rows in ``mask``.
+
+    student_logits (N, V) or (B, T, V); teacher_target_logprob (N,) = log p_T(x_t), the teacher's log-prob of
+    each row's target token x_t (the TARGET_ONLY signal: 4 bytes per token); targets (N,) = x_t; mask (N,).
+    With log q(x_t) the student's, the per-token advantage is A_t = log p_T(x_t) − log q(x_t) (no gradient).
+
+    - Differentiated: the surrogate −Σ_t A_t · log q(x_t), whose gradient
+      Σ_t (log q − log p_T)(x_t) ∇log q(x_t) is the score-function (policy-gradient) estimate of ∇ KL(Q‖P)
+      when x_t ~ Q (on-policy; E_Q[∇log q] = 0).
+    - Reported (the value of ``kd_sum``): Σ_t (log q(x_t) − log p_T(x_t)), an unbiased estimate of the
+      reverse KL summed over rows when x_t ~ Q. ``kd_sum`` carries both: value = the estimate, gradient = the
+      surrogate's (estimate.detach() + surrogate − surrogate.detach()).
+
+    Each token's advantage is its own log-ratio (no sum over the tokens after it: the per-token reverse KL
+    of those recipes, each context held fixed). On dataset tokens (off-policy) the same gradient pulls each
+    log q(x_t) toward log p_T(x_t) (it is the gradient of ½ Σ (log q − log p_T)²), and the value is no longer
+    an estimate of KL(Q‖P).
+    Temperature T: the teacher's log-probs arrive at T from the server (softmax(z_T / T)); the student divides
+    its logits by T; ``kd_sum`` (value and gradient) is × T² unless ``scale_t2=False``, as in the other
+    losses. The estimate is of KL(Q_T‖P_T) when x_t ~ Q_T, i.e. rollouts sampled at T (on-policy:
+    distill.gen_temperature = distill.temperature). CE (with the same targets) is at T = 1.
+    """
+    logits = student_logits.reshape(-1, student_logits.shape[-1])
+    n = logits.shape[0]
+    rows = {"teacher_target_logprob": teacher_target_logprob.numel(), "targets": targets.numel()}
+    if any(r != n for r in (*rows.values(), mask.numel())):
+        raise ValueError(f"the student has {n} rows, but got rows {rows | {'mask': mask.numel()}}")
+    if not temperature > 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    keep = mask.reshape(n).bool()
+    sel = logits[keep].to(torch.promote_types(logits.dtype, torch.float32))  # valid rows only
+    x = targets.reshape(n)[keep].long()
+    lp = teacher_target_logprob.reshape(n)[keep].to(sel.dtype)
+    lq_1 = -F.cross_entropy(sel, x, reduction="none")  # log q(x_t) at T = 1
+    lq = lq_1 if temperature == 1.0 else -F.cross_entropy(sel / temperature, x, reduction="none")
+    advantage = (lp - lq).detach()
+    surrogate = -(advantage * lq).sum()
+    kd = (lq - lp).detach().sum() + (surrogate - surrogate.detach())
+    if scale_t2:
+        kd = kd * temperature**2
+    return kd, -lq_1.sum(), int(keep.sum())

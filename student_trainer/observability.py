@@ -64,6 +64,9 @@ def format_step_line(
     parts += [f"lr {m['lr']:.1e}", f"gnorm {m['gnorm']:.2f}", f"tok/s {m['tok_per_s']:,.0f}"]
     if m.get("teacher_wait_ms") is not None:
         parts += [f"teacher wait {m['teacher_wait_ms']:.0f} ms, {m.get('prefetch', 0)} ready"]
+    if m.get("rollout_ms") is not None:  # on-policy (onpolicy.py): the samples' cost and age
+        stale = m.get("staleness")
+        parts += [f"rollout {m['rollout_ms']:.0f} ms" + (f", staleness {stale}" if stale is not None else "")]
     parts += [f"mem {m['mem_gb']:.1f} GB", f"eta {format_duration(eta_s)}"]
     return " | ".join(parts)
 

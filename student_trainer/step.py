@@ -11,10 +11,11 @@ however tokens are spread over micro-batches and ranks.
 Signals (the fields of the TeacherBatch say which): TOP_K and AT_IDS go through the fused K+1-class kernel
 (sparse_kd.py); SAMPLED through the same kernel with the draws' weights (sparse_kd.sampled_targets) plus the
 value correction Σ w·(log p − log w) (constant: it makes the reported KD an unbiased estimate of KL(P‖Q), not
-of KL(P̂‖Q)); FULL and HIDDEN through the fused dense kernel (dense_kd.py; HIDDEN with the teacher's output
-layer, `teacher.head`). AT_IDS needs the student's ids before the teacher is asked: the micro-batch's
-`resolve(ids)` is called between the forward and the loss with the student's top-k ids (B, T-1, k), from
-these very logits (detached), so the teacher's wait is part of the step (no prefetch can hide it).
+of KL(P̂‖Q)); TARGET_ONLY (loss sampled_reverse_kl) through losses.sampled_reverse_kl_sums; FULL and
+HIDDEN through the fused dense kernel (dense_kd.py; HIDDEN with the teacher's output layer, `teacher.head`).
+AT_IDS needs the student's ids before the teacher is asked: the micro-batch's `resolve(ids)` is called
+between the forward and the loss with the student's top-k ids (B, T-1, k), from these very logits
+(detached), so the teacher's wait is part of the step (no prefetch can hide it).
 """
 
 from __future__ import annotations
@@ -107,6 +108,8 @@ def loss_sums(
     if teacher is None:
         ce = losses.ce_loss_sum(flat, targets, mask_p)
         return LossSums(ce, None, ce)
+    if distill.loss == "sampled_reverse_kl":  # TARGET_ONLY: the teacher's log-prob of each target token
+        return _sampled_reverse_kl(flat, targets, mask_p, teacher, distill)
     loss_name, correction = distill.loss, None
     t_lp, t_ids, t_tail, head = teacher.full, None, None, None
     if teacher.counts is not None:  # SAMPLED: forward KL against the draws' weights (config checks the loss)
@@ -138,6 +141,19 @@ def loss_sums(
     return LossSums(
         loss, out.kd_sum, out.ce_sum, out.teacher_mass_in_support * n, out.student_mass_in_teacher_topk * n
     )
+
+
+def _sampled_reverse_kl(
+    flat: Tensor, targets: Tensor, mask_p: Tensor, teacher: TeacherBatch, distill: DistillSection
+) -> LossSums:
+    """sampled_reverse_kl (losses.sampled_reverse_kl_sums): the KD field's value is Σ (log q − log p_T) over
+    the target tokens, its gradient the policy gradient of reverse KL; no masses (no support is sent)."""
+    if teacher.target_logprob is None:
+        raise ValueError("loss='sampled_reverse_kl' needs the teacher's target_logprob (signal target_only)")
+    kd, ce, _ = losses.sampled_reverse_kl_sums(
+        flat, _pad_row(teacher.target_logprob), targets, mask_p, temperature=distill.temperature
+    )
+    return LossSums(distill.kd_weight * kd + distill.ce_weight * ce, kd, ce)
 
 
 def _sampled_value_correction(log_w: Tensor, t_lp: Tensor | None, mask: Tensor, temperature: float) -> Tensor:

@@ -10,6 +10,7 @@ SIGINT/SIGTERM stops every rank after its step with a checkpoint (interrupt.py).
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import logging
@@ -27,10 +28,11 @@ from asymkd.config import ConfigError, dump_config
 from asymkd.contract import tokenizer_hash
 from student_trainer.checkpoint import Checkpointer, check_out_dir, export_pretrained
 from student_trainer.config import TrainConfig
-from student_trainer.data import PackedDataset, load_packs, tokenizer_id
+from student_trainer.data import PackedDataset, load_packs, load_prompt_documents, tokenizer_id
 from student_trainer.interrupt import Interrupted, StopRequest
 from student_trainer.model import build_student, load_tokenizer
 from student_trainer.observability import MetricsLogger, memory_gb, setup_logging
+from student_trainer.onpolicy import Rollouts, sample_lines, step_samples
 from student_trainer.parallel import (
     ParallelDims,
     all_gather_1d,
@@ -41,6 +43,7 @@ from student_trainer.parallel import (
     init_distributed,
     mp_policy,
 )
+from student_trainer.rollout import PromptDataset
 from student_trainer.sources import build_teacher_source
 from student_trainer.sources.base import MicroBatch, StudentSide, TeacherSource
 from student_trainer.sources.common import TeacherCompatError, TeacherUnreachableError
@@ -70,7 +73,9 @@ class Trainer:
             dump_config(cfg, self.out_dir / "config.yaml")
         self.tokenizer, self.tokenizer_dir = load_tokenizer(cfg.model)
         self.train_data, self.eval_data = self._build_data()  # a missing data file fails before the model
+        self.rollout_model: nn.Module | None = None  # on-policy: the plain copy the student samples with
         self.model = self._build_model()
+        self.rollouts = self._build_rollouts() if cfg.distill.on_policy else None
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, cfg.run.steps)
         self.metrics = MetricsLogger(
             cfg.metrics,
@@ -117,6 +122,8 @@ class Trainer:
             seed=self.cfg.run.seed,
             tokenizer=self.tokenizer,
         )
+        if self.cfg.distill.lmbda > 0:
+            self.rollout_model = copy.deepcopy(model).to(self.device).eval().requires_grad_(False)
         if par.activation_checkpointing:
             apply_ac(model)
         model.to(self.device)
@@ -136,11 +143,45 @@ class Trainer:
         held = PackedDataset(packs["eval"], shuffle=False, **common) if "eval" in packs else None
         return train, held
 
+    def _build_rollouts(self) -> Rollouts:
+        """On-policy / seq-KD: the prompts of this rank and the rollout thread (onpolicy.py)."""
+        cfg, tok = self.cfg, self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        if self.resume_from is None:  # a fresh run (check_out_dir passed): no samples of an earlier one
+            (self.out_dir / f"samples-r{self.rank}.jsonl").unlink(missing_ok=True)
+        prompts = PromptDataset(
+            load_prompt_documents(cfg.data, tok, rank=self.rank),
+            micro_batch_size=cfg.optim.micro_batch_size,
+            seq_len=cfg.data.seq_len,
+            max_new_tokens=cfg.distill.max_new_tokens,
+            eos_id=tok.eos_token_id,
+            rank=self.rank,
+            world_size=self.dims.dp_size,
+            seed=cfg.run.seed,
+            shuffle=cfg.data.shuffle,
+        )
+        return Rollouts(
+            cfg.distill,
+            cfg.teacher,
+            prompts,
+            self.rollout_model,
+            seed=cfg.run.seed,
+            rank=self.rank,
+            grad_accum_steps=cfg.optim.grad_accum_steps,
+            eos_id=tok.eos_token_id,
+            pad_id=pad,
+            vocab_limit=len(tok),
+        )
+
     def _open_source(self) -> TeacherSource:
         """The teacher source the config names, over the batches this run has left; its handshake (GetInfo,
         the in-process teacher's load, the cache's checks) happens here, before the first step."""
         remaining = (self.cfg.run.steps - self.step) * self.cfg.optim.grad_accum_steps
-        batches = itertools.islice(self.train_data.batches(start=self.data_position), remaining)
+        if self.rollouts is not None:
+            self.rollouts.publish(self.step, self.model, start=True)
+            batches = self.rollouts.start(self.data_position, remaining)
+        else:
+            batches = itertools.islice(self.train_data.batches(start=self.data_position), remaining)
         student = StudentSide(
             vocab_size=self.model.get_output_embeddings().weight.shape[0],
             tokenizer_hash=tokenizer_hash(self.tokenizer_dir),
@@ -161,11 +202,15 @@ class Trainer:
         self._maybe_resume()
         stop = StopRequest(cfg.checkpoint.stop_grace_s)
         with stop.installed():
-            source = self._open_source()
+            source = None
             try:
+                source = self._open_source()
                 last_saved = self._loop(source, stop)
             finally:
-                source.close()
+                if self.rollouts is not None:  # first: the source's reader may be waiting on a rollout
+                    self.rollouts.close()
+                if source is not None:
+                    source.close()
             if self.last_stats.get("stop"):  # on every rank, whichever got the signal
                 if last_saved != self.step:
                     self.save()
@@ -188,9 +233,15 @@ class Trainer:
                 raise RuntimeError(
                     f"the data feed ended early at step {self.step} ({len(micro)} micro-batches)"
                 )
+            t_update = time.perf_counter()
             stats = self.last_stats = self.train_step(micro, stop=bool(stop.signum), budget_end=budget_end)
+            stats["update_ms"] = (time.perf_counter() - t_update) * 1e3
             self.step += 1
             self.data_position += accum
+            if self.rollouts is not None:
+                stats |= step_samples(micro, self.step - 1)
+                stats["sync_ms"] = self.rollouts.publish(self.step, self.model)
+                self._write_samples(micro)
             self.metrics.log_step(
                 self.step, self._step_record(stats, micro, source, time.perf_counter() - t0)
             )
@@ -332,6 +383,11 @@ class Trainer:
             "interrupted by %s at step %d/%d: checkpoint %s\nresume with: %s",
             signal.Signals(signum).name, self.step, self.cfg.run.steps, self.checkpointer.step_dir(self.step), cmd,
         )  # fmt: skip
+
+    def _write_samples(self, micro: list[MicroBatch]) -> None:
+        """On-policy: every trained sequence, whole, to out_dir/samples-r<rank>.jsonl (one line per sample)."""
+        with open(self.out_dir / f"samples-r{self.rank}.jsonl", "a") as f:
+            f.writelines(json.dumps(line) + "\n" for line in sample_lines(micro, self.step))
 
     def _write_summary(self, summary: dict[str, Any]) -> None:
         if self.rank == 0:

@@ -7,6 +7,8 @@
         for res in c.score_stream(batches, max_in_flight=8):     # pipelined ScoreStream, ordered results
             ...
         samples = c.generate([[1, 2, 3]], max_new_tokens=16, n=2)   # [prompt][sample] -> GeneratedSample
+        for chunk in c.generate_stream(["Once upon a time"], seed=1, return_text=True):  # text prompts too
+            print(chunk.text, end="")
 
 `AsyncTeacherClient` has the same methods as coroutines / async iterators on a grpc.aio channel (the
 student's teacher feed uses it); `TeacherClient` runs one on a private event-loop thread.
@@ -247,16 +249,26 @@ class AsyncTeacherClient:
         finally:
             await run.close()
 
-    async def generate(self, prompts: Sequence[TokenIds], **options) -> list[list[GeneratedSample]]:
-        """Sample continuations: result[prompt][sample]. Options: max_new_tokens (128), temperature (1.0),
-        top_p (1.0), n (1), top_k_logprobs (0), seed (None), greedy (False), stop_token_ids (()),
-        value_dtype (float32)."""
+    async def generate(self, prompts: Sequence[TokenIds | str], **options) -> list[list[GeneratedSample]]:
+        """Sample continuations: result[prompt][sample]. Each prompt is token ids, or a str the server
+        tokenizes (a server without a tokenizer refuses it: InvalidRequestError naming prompts[i].text).
+        Options: max_new_tokens (128), temperature (1.0), top_p (1.0), top_k (0: all tokens; sampling),
+        n (1), seed (None: server-chosen; a seed makes the samples reproducible on one server build),
+        greedy (False), top_k_logprobs (0: per-token teacher top-k log-probs when > 0), stop_token_ids
+        ((): the model's EOS ids), value_dtype (float32), return_text (False: GeneratedSample.text too).
+        Bad options raise InvalidRequestError (INVALID_ARGUMENT, the field named); more work than the
+        server's --max-request-tokens ((prompt + max_new_tokens) × n) raises TeacherOverloadedError
+        (RESOURCE_EXHAUSTED, retryable False)."""
         chunks = [c async for c in self.generate_stream(prompts, **options)]
         return collect_samples(chunks, len(prompts), max(options.get("n", 1), 1))
 
-    async def generate_stream(self, prompts: Sequence[TokenIds], **options) -> AsyncIterator[GenerateChunk]:
-        """generate() as it happens: GenerateChunk items (new tokens of one (prompt, sample)), the last one of
-        each sample `finished`. Closing the iterator early cancels the call (the server stops its work)."""
+    async def generate_stream(
+        self, prompts: Sequence[TokenIds | str], **options
+    ) -> AsyncIterator[GenerateChunk]:
+        """generate() as it happens: GenerateChunk items (new tokens of one (prompt, sample); with
+        return_text their text), the last one of each sample `finished`. Closing the iterator early cancels
+        the call: the server stops generating before its next token. A replica that fails before the first
+        chunk (down, draining, queue full) is retried on another by gRPC; a failure after it raises."""
         req = generate_request(prompts, **options, request_id=self.new_request_id())
         call = self.stub.Generate(req, timeout=self.timeout_s, metadata=self._metadata)
         try:

@@ -53,6 +53,7 @@ from teacher_server.data_plane import DataPlaneServer, SessionClosed
 from teacher_server.metrics import Metrics
 from teacher_server.output_layer import OutputLayerExport
 from teacher_server.registration import add_teacher_servicer, checked  # noqa: F401  (server.py imports it here)
+from teacher_server.text import Detokenizer, TextCodec
 from teacher_server.validation import (
     Limits,
     RequestError,
@@ -97,12 +98,15 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
         self._idle.set()
         self.data_plane: DataPlaneServer | None = None
         self.output_layer: OutputLayerExport | None = None
+        self.text_codec: TextCodec | None = None  # Generate: text prompts, return_text
 
     def attach(self, backend: TeacherBackend, batcher: MicroBatcher) -> None:
         self.limits = Limits.from_info(backend.info, self.cfg.max_request_tokens)
         if Signal.HIDDEN in backend.info.signals:
             self.output_layer = OutputLayerExport.of(backend)
         self.data_plane = DataPlaneServer(self.cfg.host, getattr(backend, "device", "cpu"))  # store: lazily
+        tokenizer = getattr(backend, "tokenizer", None)
+        self.text_codec = None if tokenizer is None else TextCodec(tokenizer)
         self.backend, self.batcher = backend, batcher
 
     def close(self) -> None:
@@ -268,12 +272,18 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
         async with self._call("Generate", context):
             backend, _, limits = self._ready()
-            prompts, params = parse_generate_request(checked(request), limits)
+            codec = self.text_codec
+            prompts, params = parse_generate_request(checked(request), limits, codec)
+            texts: dict[tuple[int, int], Detokenizer] = {}
             chunks = backend.generate(prompts, params)
             # aclosing: a client that goes away closes the backend's generator, which stops its work.
             async with _aclosing(chunks):
                 async for chunk in chunks:
                     self.metrics.tokens_generated.inc(len(chunk.token_ids))
+                    if request.return_text:
+                        key = (chunk.prompt_index, chunk.sample_index)
+                        det = texts.setdefault(key, codec.detokenizer())
+                        chunk.text = det.add(chunk.token_ids) + (det.finish() if chunk.finished else "")
                     yield chunk_to_proto(request.request_id, chunk)
 
 

@@ -6,7 +6,7 @@ backends/base.py). Token ids are checked with vectorized numpy ops: a request ma
     limits = Limits.from_info(backend.info, cfg)
     items, params = parse_score_request(request, limits)      # raises RequestError
     transport = parse_transport(request, limits)              # id encoding, data-plane session
-    prompts, gparams = parse_generate_request(request, limits)
+    prompts, gparams = parse_generate_request(request, limits, codec)   # codec: text prompts (text.py)
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from asymkd.packing import id_bits
 from asymkd.v1 import teacher_pb2 as pb
 from asymkd.wire import TORCH_OF_DTYPE, VALUE_DTYPES, WireError, tensor_from_proto
 from teacher_server.backends.base import GenerateParams, ScoreItem, ScoreParams
+from teacher_server.text import TextCodec
 
 # Below this, logits / T can overflow float32 and log-softmax turns to NaN; greedy decoding is the limit.
 MIN_TEMPERATURE = 1e-6
@@ -190,6 +191,8 @@ def _at_ids(seq: pb.TokenSequence, field: str, rows: int, limits: Limits) -> tor
 
 def _score_item(seq: pb.TokenSequence, i: int, params: ScoreParams, limits: Limits) -> ScoreItem:
     field = f"sequences[{i}]"
+    if seq.text:  # scores are per token: the caller tokenizes (the student's and teacher's tokenizer agree)
+        raise invalid(f"{field}.text", "Score takes token_ids only (text prompts are for Generate)")
     n = len(seq.token_ids)
     if n < 2:
         raise invalid(
@@ -286,22 +289,39 @@ def check_response_size(nbytes: int, max_message_bytes: int, params: ScoreParams
     )
 
 
-def _generate_prompt(seq: pb.TokenSequence, i: int, max_new: int, limits: Limits) -> torch.Tensor:
+def _generate_prompt(
+    seq: pb.TokenSequence, i: int, max_new: int, limits: Limits, codec: TextCodec | None
+) -> np.ndarray:
+    """One prompt's ids: its token_ids, or its text tokenized by `codec` (the server's tokenizer)."""
     field = f"prompts[{i}].token_ids"
-    n = len(seq.token_ids)
-    if n < 1:
-        raise invalid(field, "empty prompt")
+    if seq.text:
+        if seq.token_ids:
+            raise invalid(f"prompts[{i}]", "set token_ids or text, not both")
+        field = f"prompts[{i}].text"
+        if codec is None:
+            raise invalid(
+                field,
+                "this teacher has no tokenizer (its model folder has no tokenizer files); send token_ids",
+            )
+        ids = np.asarray(codec.encode(seq.text), dtype=np.int64)
+        if ids.size < 1:
+            raise invalid(field, f"{seq.text!r} tokenizes to no tokens")
+    else:
+        ids = np.asarray(seq.token_ids, dtype=np.int64)
+        if ids.size < 1:
+            raise invalid(field, "empty prompt (set token_ids or text)")
+    n = int(ids.size)
     if n + max_new > limits.max_seq_len:
         raise invalid(field, f"length {n} + max_new_tokens {max_new} > max_seq_len {limits.max_seq_len}")
-    ids = np.asarray(seq.token_ids, dtype=np.int64)
     check_token_ids(field, ids, limits.vocab_size)
-    return torch.from_numpy(ids)
+    return ids
 
 
 def parse_generate_request(
-    req: pb.GenerateRequest, limits: Limits
+    req: pb.GenerateRequest, limits: Limits, codec: TextCodec | None = None
 ) -> tuple[list[torch.Tensor], GenerateParams]:
-    """Validate a GenerateRequest; returns the prompts as (L,) int64 tensors and the sampling params."""
+    """Validate a GenerateRequest; returns the prompts as (L,) int64 tensors and the sampling params. Text
+    prompts and return_text need `codec` (the server's tokenizer)."""
     if not req.prompts:
         raise invalid("prompts", "empty request (no prompts)")
     max_new = check_range("max_new_tokens", req.max_new_tokens, 1, limits.max_seq_len - 1)
@@ -311,17 +331,24 @@ def parse_generate_request(
     top_p = req.top_p
     if not math.isfinite(top_p) or not 0 <= top_p <= 1:
         raise invalid("top_p", f"{top_p:g} not in (0, 1] (0 means 1.0)")
+    top_k = check_range("top_k", req.top_k, 0, limits.vocab_size)
     temperature = parse_temperature(req.temperature)
     top_k_logprobs = check_range("top_k_logprobs", req.top_k_logprobs, 0, limits.max_top_k)
     value_dtype = parse_value_dtype(req.value_dtype)
     stops = np.asarray(req.stop_token_ids, dtype=np.int64)
     check_token_ids("stop_token_ids", stops, limits.vocab_size)
-    _check_budget(sum((len(p.token_ids) + max_new) * n for p in req.prompts), limits, "generate")
-    prompts = [_generate_prompt(p, i, max_new, limits) for i, p in enumerate(req.prompts)]
+    if req.return_text and codec is None:
+        raise invalid("return_text", "this teacher has no tokenizer to decode text with")
+    # Token budget first on what the request itself says (text prompts count at least one token each).
+    lengths = [len(p.token_ids) or 1 for p in req.prompts]
+    _check_generate_budget(lengths, max_new, n, limits)
+    prompts = [_generate_prompt(p, i, max_new, limits, codec) for i, p in enumerate(req.prompts)]
+    _check_generate_budget([p.size for p in prompts], max_new, n, limits)
     params = GenerateParams(
         max_new_tokens=max_new,
         temperature=temperature,
         top_p=float(top_p) or 1.0,
+        top_k=top_k,
         n=n,
         seed=req.seed if req.HasField("seed") else None,
         greedy=req.greedy,
@@ -329,4 +356,20 @@ def parse_generate_request(
         stop_token_ids=tuple(int(t) for t in stops),
         value_dtype=value_dtype,
     )
-    return prompts, params
+    return [torch.from_numpy(p) for p in prompts], params
+
+
+def _too_many(field: str, message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, field, message, retryable=False)
+
+
+def _check_generate_budget(lengths: list[int], max_new: int, n: int, limits: Limits) -> None:
+    """(prompt tokens + max_new_tokens) × n, summed over the prompts, within --max-request-tokens."""
+    total = sum((length + max_new) * n for length in lengths)
+    if total > limits.max_request_tokens:
+        raise _too_many(
+            "n" if n > 1 else "max_new_tokens",
+            f"(prompt tokens + max_new_tokens {max_new}) × n {n} over {len(lengths)} prompt(s) = {total} "
+            f"tokens exceed --max-request-tokens {limits.max_request_tokens}; ask for fewer samples or "
+            "tokens, or split the prompts over several requests",
+        )

@@ -76,14 +76,16 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., bits: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class TokenSequence(_message.Message):
-    __slots__ = ("token_ids", "score_from", "at_ids")
+    __slots__ = ("token_ids", "score_from", "at_ids", "text")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SCORE_FROM_FIELD_NUMBER: _ClassVar[int]
     AT_IDS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     score_from: int
     at_ids: Tensor
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., score_from: _Optional[int] = ..., at_ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    text: str
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., score_from: _Optional[int] = ..., at_ids: _Optional[_Union[Tensor, _Mapping]] = ..., text: _Optional[str] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("request_id", "sequences", "signal", "top_k", "temperature", "value_dtype", "num_samples", "seed", "id_encoding", "data_plane_session")
@@ -254,7 +256,7 @@ class TeacherInfo(_message.Message):
     def __init__(self, model: _Optional[str] = ..., backend: _Optional[str] = ..., vocab_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., max_top_k: _Optional[int] = ..., tokenizer_hash: _Optional[str] = ..., tensor_parallel_size: _Optional[int] = ..., pipeline_parallel_size: _Optional[int] = ..., signals: _Optional[_Iterable[_Union[Signal, str]]] = ..., dtype: _Optional[str] = ..., max_request_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., tokenizer_vocab_size: _Optional[int] = ..., value_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., id_encodings: _Optional[_Iterable[_Union[IdEncoding, str]]] = ..., data_planes: _Optional[_Iterable[_Union[DataPlane, str]]] = ..., output_layer: _Optional[_Union[OutputLayerInfo, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompts", "max_new_tokens", "temperature", "top_p", "n", "seed", "greedy", "top_k_logprobs", "stop_token_ids", "value_dtype")
+    __slots__ = ("request_id", "prompts", "max_new_tokens", "temperature", "top_p", "n", "seed", "greedy", "top_k_logprobs", "stop_token_ids", "value_dtype", "top_k", "return_text")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -266,6 +268,8 @@ class GenerateRequest(_message.Message):
     TOP_K_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     VALUE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    RETURN_TEXT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompts: _containers.RepeatedCompositeFieldContainer[TokenSequence]
     max_new_tokens: int
@@ -277,10 +281,12 @@ class GenerateRequest(_message.Message):
     top_k_logprobs: int
     stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
     value_dtype: DType
-    def __init__(self, request_id: _Optional[str] = ..., prompts: _Optional[_Iterable[_Union[TokenSequence, _Mapping]]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., n: _Optional[int] = ..., seed: _Optional[int] = ..., greedy: _Optional[bool] = ..., top_k_logprobs: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., value_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    top_k: int
+    return_text: bool
+    def __init__(self, request_id: _Optional[str] = ..., prompts: _Optional[_Iterable[_Union[TokenSequence, _Mapping]]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., n: _Optional[int] = ..., seed: _Optional[int] = ..., greedy: _Optional[bool] = ..., top_k_logprobs: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., value_dtype: _Optional[_Union[DType, str]] = ..., top_k: _Optional[int] = ..., return_text: _Optional[bool] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "prompt_index", "sample_index", "token_ids", "logprobs", "top_ids", "top_logprobs", "finished", "finish_reason")
+    __slots__ = ("request_id", "prompt_index", "sample_index", "token_ids", "logprobs", "top_ids", "top_logprobs", "finished", "finish_reason", "text")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_INDEX_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -290,6 +296,7 @@ class GenerateResponse(_message.Message):
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_index: int
     sample_index: int
@@ -299,4 +306,5 @@ class GenerateResponse(_message.Message):
     top_logprobs: Tensor
     finished: bool
     finish_reason: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt_index: _Optional[int] = ..., sample_index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., top_ids: _Optional[_Union[Tensor, _Mapping]] = ..., top_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ...) -> None: ...
+    text: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt_index: _Optional[int] = ..., sample_index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., top_ids: _Optional[_Union[Tensor, _Mapping]] = ..., top_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...

@@ -15,8 +15,8 @@
 | `CachedTeacher` | `teacher.cache` | cache.py | answers written by `asymkd cache write`, read from disk |
 | `CachedTeacher` + a live source | `teacher.cache` + `targets` or `in_process` | cache.py | mixed: rows the cache lacks are scored live |
 
-A new source (on-policy rollouts, a tensor data plane) implements `TeacherSource` and gets a line in
-`build_teacher_source`. Every source runs the same handshake on its teacher's facts (`common.negotiate`:
+A new source implements `TeacherSource` and gets a line in `build_teacher_source`. On-policy rollouts are
+not a source: they produce the batches (student_trainer/onpolicy.py) that any source then scores. Every source runs the same handshake on its teacher's facts (`common.negotiate`:
 tokenizer, vocabulary, signal, sequence length) before the first step, and lays its answers out with
 `common.scatter_scores`, so the loss sees the same tensors whichever source produced them.
 """

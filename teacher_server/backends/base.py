@@ -56,6 +56,7 @@ class GenerateParams:
     max_new_tokens: int = 128
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # sampling: keep the top_k most likely tokens; 0 = all
     n: int = 1
     seed: int | None = None
     greedy: bool = False
@@ -72,6 +73,7 @@ class TeacherBackend(abc.ABC):
     """An inference engine for one teacher model. Methods are async; blocking engines use a worker thread."""
 
     info: TeacherInfo  # the model facts (the server adds its own caps before answering GetInfo)
+    tokenizer = None  # the model's transformers tokenizer once started, if it has one (Generate text prompts)
 
     async def start(self) -> None:  # noqa: B027  (optional hook)
         """Load and warm up; health turns SERVING only after this returns."""

@@ -1,7 +1,8 @@
 """Model facts every backend reads the same way: dtypes, tokenizer, EOS ids, output-layer extras.
 
     dtype = TORCH_DTYPES[cfg.dtype]
-    tok_len, tok_hash = tokenizer_facts(folder, gguf=None)
+    tok = load_tokenizer(folder, gguf=None)          # None without tokenizer files
+    tok_len, tok_hash = tokenizer_facts(folder, gguf=None, tok=tok)
     eos = eos_token_ids([generation_config, text_config])
     logits = LogitExtras.from_config(text_config).apply(hidden @ W.T)
 
@@ -27,14 +28,22 @@ log = logging.getLogger("asymkd.teacher.backends")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def tokenizer_facts(folder: Path, gguf: str | None = None) -> tuple[int, str]:
-    """(len(tokenizer), tokenizer_hash) of a model folder (or a GGUF file in it); (0, "") without one."""
+def load_tokenizer(folder: Path, gguf: str | None = None):
+    """The transformers tokenizer of a model folder (or a GGUF file in it); None without one."""
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
+        return AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
     except Exception as e:  # a model folder without tokenizer files is legal (scoring ids only)
         log.info("no tokenizer in %s (%s): tokenizer_hash is empty", folder, type(e).__name__)
+        return None
+
+
+def tokenizer_facts(folder: Path, gguf: str | None = None, tok=None) -> tuple[int, str]:
+    """(len(tokenizer), tokenizer_hash) of a model folder (or a GGUF file in it); (0, "") without one.
+    `tok`: the folder's tokenizer when already loaded (load_tokenizer)."""
+    tok = tok if tok is not None else load_tokenizer(folder, gguf)
+    if tok is None:
         return 0, ""
     if not gguf:
         return len(tok), tokenizer_hash(folder)

@@ -28,7 +28,13 @@ import torch
 from asymkd.contract import GenerateChunk, SequenceScores, Signal, TeacherInfo
 from teacher_server import scoring
 from teacher_server.backends.base import BackendError, GenerateParams, ScoreItem, ScoreParams, TeacherBackend
-from teacher_server.backends.common import TORCH_DTYPES, LogitExtras, eos_token_ids, tokenizer_facts
+from teacher_server.backends.common import (
+    TORCH_DTYPES,
+    LogitExtras,
+    eos_token_ids,
+    load_tokenizer,
+    tokenizer_facts,
+)
 from teacher_server.config import ServeConfig
 
 log = logging.getLogger("asymkd.teacher.hf")
@@ -48,6 +54,15 @@ def length_buckets(lengths: list[int], max_tokens: int, per_item: int = 1) -> li
         else:
             groups.append([i])
     return groups
+
+
+def top_k_filter(probs: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, V) probs -> (B, V) renormalized over the k most likely tokens of each row (ties at the k-th kept)."""
+    if k <= 0 or k >= probs.shape[-1]:
+        return probs
+    kth = torch.topk(probs, k, dim=-1).values[:, -1:]
+    kept = probs.masked_fill(probs < kth, 0.0)
+    return kept / kept.sum(-1, keepdim=True)
 
 
 def nucleus_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -90,6 +105,7 @@ class HFBackend(TeacherBackend):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-teacher")
         self._seeds = torch.Generator().manual_seed(cfg.seed)  # server-chosen seeds (worker thread only)
         self._active: set[threading.Event] = set()
+        self.decode_steps = 0  # generation steps run so far, all calls (a cancelled call stops adding to it)
         self._info: TeacherInfo | None = None
         self.model = None
 
@@ -151,7 +167,8 @@ class HFBackend(TeacherBackend):
         self._head = model.get_output_embeddings()
         text_cfg = model.config.get_text_config()
         self._extras = LogitExtras.from_config(text_cfg)
-        tok_len, tok_hash = tokenizer_facts(folder, gguf)
+        self.tokenizer = load_tokenizer(folder, gguf)
+        tok_len, tok_hash = tokenizer_facts(folder, gguf, self.tokenizer)
         vocab_size, hidden_size = self._head.weight.shape
         self._info = TeacherInfo(
             model=name,
@@ -298,13 +315,15 @@ class HFBackend(TeacherBackend):
         """Sample, emit and feed one token per step until every row of `st` has finished (or stop is set)."""
         params = run.params
         for step in range(max(st.limits)):
-            if run.stop.is_set():
+            if run.stop.is_set():  # the consumer went away (client cancelled): free the worker now
                 return
+            self.decode_steps += 1
             lp = scoring.log_softmax_at_temperature(st.logits, params.temperature or 1.0)  # (B, V) fp32
             if params.greedy:
                 tok = st.logits.argmax(-1)
             else:
-                probs = lp.exp() if params.top_p >= 1.0 else nucleus_filter(lp.exp(), params.top_p)
+                probs = top_k_filter(lp.exp(), params.top_k)
+                probs = probs if params.top_p >= 1.0 else nucleus_filter(probs, params.top_p)
                 tok = torch.multinomial(probs, 1, generator=run.gen)[:, 0]
             toks = tok.tolist()
             done = [t in run.stop_ids or step + 1 >= lim for t, lim in zip(toks, st.limits, strict=True)]

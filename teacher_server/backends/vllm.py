@@ -58,7 +58,7 @@ from teacher_server.backends.base import (
     TeacherBackend,
     UnsupportedSignal,
 )
-from teacher_server.backends.common import TORCH_DTYPES, eos_token_ids, tokenizer_facts
+from teacher_server.backends.common import TORCH_DTYPES, eos_token_ids, load_tokenizer, tokenizer_facts
 from teacher_server.backends.vllm_generate import check_generate, stream_generate, token_limits
 from teacher_server.backends.vllm_head import OutputHead
 from teacher_server.backends.vllm_logprobs import (
@@ -256,7 +256,8 @@ class VLLMBackend(TeacherBackend):
         engine = next(iter(self._engines.values()))
         text_cfg = AutoConfig.from_pretrained(folder).get_text_config()
         vocab = self._head.vocab_size if self._head is not None else int(text_cfg.vocab_size)
-        tok_len, tok_hash = tokenizer_facts(folder)
+        self.tokenizer = load_tokenizer(folder)  # Generate text prompts (the engines skip theirs)
+        tok_len, tok_hash = tokenizer_facts(folder, None, self.tokenizer)
         notes = {
             "pooling": "Score: every signal exact via hidden states + output layer; no Generate",
             "generate": "Score: TOP_K/TARGET_ONLY at temperature 1 only, tail derived from the top-k "

@@ -6,7 +6,8 @@ logprobs come from an engine started with logprobs_mode="processed_logprobs", i.
 log_softmax(logits / T), as the contract asks. Two combinations cannot be reported that way and answer
 UNIMPLEMENTED instead of silently differing from the hf backend:
 - greedy with temperature != 1: vLLM's greedy path reports logprobs at temperature 1;
-- top_p < 1: vLLM reports logprobs after the nucleus cut, renormalized over the nucleus.
+- top_p < 1 or top_k > 0 (sampling): vLLM reports logprobs after the nucleus / top-k cut, renormalized
+  over the kept tokens (greedy ignores both, so greedy with them is served).
 Generation stops on exactly `stop_token_ids` (the model's EOS ids when empty; vLLM's own EOS check is off)
 or after max_new_tokens, capped so that prompt + output fits max_seq_len.
 """
@@ -36,6 +37,11 @@ def check_generate(params: GenerateParams) -> None:
         raise UnsupportedSignal(
             f"top_p {params.top_p:g}: vLLM reports the logprobs of nucleus sampling renormalized over the "
             "nucleus, not log_softmax(logits / T); use top_p 1 on the vllm backend, or the hf backend"
+        )
+    if params.top_k > 0 and not params.greedy:
+        raise UnsupportedSignal(
+            f"top_k {params.top_k}: vLLM reports the logprobs of top-k sampling renormalized over the top "
+            "k, not log_softmax(logits / T); use top_k 0 on the vllm backend, or the hf backend"
         )
 
 

@@ -253,6 +253,26 @@ def test_greedy_generate_equals_in_process_argmax(stub, reference):
     assert got == ids[len(prompt) :]
 
 
+def test_generate_text_prompt_is_tokenized_by_the_server(stub, tiny_teacher_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_teacher_dir)
+    text = "def main():\n    return"
+    req = pb.GenerateRequest(
+        request_id="g",
+        prompts=[pb.TokenSequence(text=text), pb.TokenSequence(token_ids=tok.encode(text))],
+        max_new_tokens=4,
+        greedy=True,
+        return_text=True,
+    )
+    out: dict[int, list[pb.GenerateResponse]] = {}
+    for resp in stub.Generate(req, timeout=TIMEOUT_S):
+        out.setdefault(resp.prompt_index, []).append(resp)
+    by_text, by_ids = ([t for c in out[i] for t in c.token_ids] for i in (0, 1))
+    assert by_text == by_ids and by_text
+    assert "".join(c.text for c in out[0]) == tok.decode(by_text, skip_special_tokens=True)
+
+
 # ---- bad input: precise status, field named, server keeps serving ------------------------------------
 
 LONG = list(range(MAX_LEN + 1))
@@ -312,6 +332,7 @@ BAD_GENERATE = [
     (gen_request([1], top_p=1.5), "top_p: 1.5"),
     (gen_request([1], temperature=math.nan), "temperature: nan"),
     (gen_request([1], top_k_logprobs=513), "top_k_logprobs: 513"),
+    (gen_request([1], top_k=513), "top_k: 513 not in [0, 512]"),
 ]
 
 

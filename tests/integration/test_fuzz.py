@@ -143,6 +143,7 @@ def generate_request(draw) -> pb.GenerateRequest:
         "temperature",
         "top_p",
         "top_k_logprobs",
+        "top_k",
         "stop",
         "value_dtype",
     ]
@@ -163,7 +164,14 @@ def generate_request(draw) -> pb.GenerateRequest:
             "stop", st.lists(valid_id, max_size=2), st.lists(bad_id, min_size=1, max_size=2)
         ),
         value_dtype=field("value_dtype", st.sampled_from(VALUE_DTYPES), bad_enum),
+        top_k=field("top_k", st.integers(0, 8), outside(0, VOCAB)),
+        return_text=draw(st.booleans()),
     )
+    if draw(st.booleans()):  # a text prompt (the server tokenizes it), with token ids too at times
+        text = pb.TokenSequence(
+            text=draw(st.text(max_size=12)), token_ids=draw(st.lists(valid_id, max_size=1))
+        )
+        req.prompts.append(text)
     seed = draw(st.one_of(st.none(), UINT64))
     if seed is not None:
         req.seed = seed

@@ -371,11 +371,23 @@ def test_generate_stops_on_stop_token_ids(loop, gen):
     assert s["ids"] == greedy[(0, 0)]["ids"][: first + 1] and s["fin"] == ["stop"]
 
 
+def test_text_prompts_use_the_model_folders_tokenizer(gen, hf):
+    """Generate's text prompts are tokenized by the servicer with the backend's tokenizer (teacher_server/
+    text.py): the vLLM backend loads the folder's, as hf does (its engines skip their own)."""
+    from teacher_server.text import TextCodec
+
+    text = "def main():\n    return 1"
+    ids = TextCodec(gen.tokenizer).encode(text)
+    assert len(ids) > 1 and ids == TextCodec(hf.tokenizer).encode(text)
+
+
 def test_generate_refuses_inexact_combinations(loop, gen, pool):
     with pytest.raises(UnsupportedSignal, match="greedy with temperature"):
         loop.collect(gen.generate(PROMPTS, GenerateParams(greedy=True, temperature=0.5)))
     with pytest.raises(UnsupportedSignal, match="top_p"):
         loop.collect(gen.generate(PROMPTS, GenerateParams(top_p=0.9)))
+    with pytest.raises(UnsupportedSignal, match="top_k 5: vLLM reports"):
+        loop.collect(gen.generate(PROMPTS, GenerateParams(top_k=5)))
     with pytest.raises(UnsupportedSignal, match="runner generate"):
         loop.collect(pool.generate(PROMPTS, GenerateParams(max_new_tokens=2)))
 

@@ -115,6 +115,15 @@ def test_generate_request_seed_is_optional():
     assert generate_request([[1]], seed=0).HasField("seed")
 
 
+def test_generate_request_takes_text_prompts():
+    req = generate_request(["Once upon", [4, 5]], top_k=7, return_text=True)
+    assert (req.prompts[0].text, list(req.prompts[0].token_ids)) == ("Once upon", [])
+    assert (req.prompts[1].text, list(req.prompts[1].token_ids)) == ("", [4, 5])
+    assert (req.top_k, req.return_text) == (7, True)
+    with pytest.raises(ValueError, match="prompts: a list of prompts"):
+        generate_request("Once upon")  # one string is not a list of prompts
+
+
 # ----------------------------------------------------------------------------------- response decoding
 def _piece(seq: int, first: int, ids: torch.Tensor, lp: torch.Tensor) -> pb.SequenceScores:
     return pb.SequenceScores(

@@ -217,7 +217,7 @@ def test_the_example_files_load():
                 "student ranks",
                 "type: int",
                 "default: 1",
-                "{top_k,full,hidden,sampled,at_ids}",
+                "{top_k,full,hidden,sampled,at_ids,target_only}",
             ],
         ),
         (["cache", "write"], ["--out", "the cache folder", "type: str", "default: 1024", "{auto,text,jsonl"]),

@@ -9,7 +9,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from student_trainer.config import MetricsSection
-from student_trainer.observability import MetricsLogger
+from student_trainer.observability import MetricsLogger, format_step_line
 
 STEP = {"loss": 3.5, "kd": 3.25, "ce": 4.0, "lr": 1e-3, "gnorm": 0.5, "tok_per_s": 100.0, "step_time_s": 0.1,
         "mem_gb": 1.0, "sample_ids": [3, 1]}  # fmt: skip
@@ -41,3 +41,10 @@ def test_jsonl_and_tensorboard_get_every_scalar(tmp_path):
 def test_other_ranks_write_nothing(tmp_path):
     write(tmp_path, rank=1)
     assert not any(tmp_path.iterdir())
+
+
+def test_the_step_line_labels_losses_and_shows_on_policy_columns():
+    line = format_step_line(3, 10, STEP | {"rollout_ms": 812.4, "staleness": 1}, eta_s=75.0, elapsed_s=12.0)
+    assert line.startswith("+12s step 3/10 | train loss 3.5000 (kd 3.2500, ce 4.0000)")
+    assert "rollout 812 ms, staleness 1" in line and line.endswith("eta 1m15s")
+    assert "rollout" not in format_step_line(3, 10, STEP, eta_s=75.0)

@@ -89,9 +89,9 @@ def test_aliases_are_canonicalized():
 
 
 def test_loss_names_are_the_losses_module_ones():
-    from student_trainer.losses import LOSS_NAMES
+    from student_trainer.losses import LOSS_NAMES, TOKEN_LOSS_NAMES
 
-    assert set(typing.get_args(LossName)) == set(LOSS_NAMES) | {"skew_kl", "skew_rkl"}
+    assert set(typing.get_args(LossName)) == set(LOSS_NAMES + TOKEN_LOSS_NAMES) | {"skew_kl", "skew_rkl"}
 
 
 def test_in_process_string_shorthand_and_nested_section(tmp_path):

@@ -91,6 +91,10 @@ def test_unspecified_signal_means_top_k_and_top_k_is_ignored_elsewhere():
         (score_req(seq([1, 2]), value_dtype=pb.INT32), "value_dtype: INT32 is not a value dtype"),
         (score_req(seq([1, 2]), signal=pb.SAMPLED, num_samples=0), "num_samples: 0 not in [1, 8]"),
         (score_req(seq([1, 2]), signal=pb.SAMPLED, num_samples=9), "num_samples: 9 not in [1, 8]"),
+        (
+            score_req(seq([1, 2]), pb.TokenSequence(text="hi")),
+            "sequences[1].text: Score takes token_ids only",
+        ),
     ],
 )
 def test_bad_score_field_is_invalid_argument_naming_it(req, text):
@@ -216,6 +220,10 @@ def test_good_generate_request():
         (gen_req(seq([1]), top_k_logprobs=9), "top_k_logprobs: 9 not in [0, 8]"),
         (gen_req(seq([1]), stop_token_ids=[3, 100]), "stop_token_ids[1]: id 100"),
         (gen_req(seq([1]), value_dtype=pb.INT64), "value_dtype: INT64 is not a value dtype"),
+        (gen_req(seq([1]), top_k=101), "top_k: 101 not in [0, 100]"),
+        (gen_req(pb.TokenSequence(text="hi")), "prompts[0].text: this teacher has no tokenizer"),
+        (gen_req(pb.TokenSequence(token_ids=[1], text="hi")), "prompts[0]: set token_ids or text, not both"),
+        (gen_req(seq([1]), return_text=True), "return_text: this teacher has no tokenizer"),
     ],
 )
 def test_bad_generate_field_is_invalid_argument_naming_it(req, text):
