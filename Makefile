@@ -51,6 +51,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/quality.py
 	$(BIN)/python bench/quality.py --train-docs 600 --steps 300 --cache --out bench/results/quality_limited.json
 	$(BIN)/python bench/load.py
+	$(BIN)/python bench/cache.py
+	$(BIN)/python bench/signals.py
+	$(BIN)/python bench/onpolicy.py --threads 1
+	$(BIN)/python bench/planner.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
