@@ -326,7 +326,11 @@ def test_the_dockerfile_installs_the_project_and_no_model():
     assert 'pip install ${TORCH} ".${EXTRAS:+[${EXTRAS}]}"' in text
     for copied in [line.split()[1] for line in text.splitlines() if line.startswith("COPY ")]:
         assert (REPO / copied).exists(), copied
-    lowered = text.lower()
-    for download in ("huggingface", "hf download", "snapshot_download", "from_pretrained", "wget", "curl"):
-        assert download not in lowered, download
+    # The image holds no model: its one RUN only installs packages and makes the user and cache folder,
+    # and the model libraries run offline (weights come from a volume).
+    run = " ".join(line.rstrip("\\") for line in text.split("\nRUN ", 1)[1].split("\n\n", 1)[0].splitlines())
+    allowed = ("python3 -m pip install ", "useradd ", "mkdir ", "chown ", "if ", "then ", "fi")
+    for command in (c.strip() for part in run.split("&&") for c in part.split(";")):
+        assert not command or command.startswith(allowed), command
+    assert "HF_HUB_OFFLINE=1" in text and "TRANSFORMERS_OFFLINE=1" in text
     assert "USER 1000" in text  # the pods run as uid 1000 (runAsNonRoot)
