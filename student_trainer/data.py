@@ -213,6 +213,34 @@ def split_documents(docs: list[Document], fraction: float) -> tuple[list[Documen
 
 
 # ------------------------------------------------------------------------------------------------- batches
+class EpochOrder:
+    """Which items micro-batch `index` of a rank holds: each epoch a seeded permutation of the n items (or
+    0..n-1 without shuffle), dealt round-robin over ranks, `batch_size` per micro-batch, epochs following each
+    other; a function of `index` alone, so a resumed run continues the same order. Packed rows and prompts
+    (rollout.PromptDataset) are ordered alike."""
+
+    def __init__(self, n: int, *, batch_size: int, rank: int, world_size: int, seed: int, shuffle: bool):
+        self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        self._perm: dict[int, np.ndarray] = {}  # the last epoch's permutation
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n)
+        if epoch not in self._perm:
+            self._perm = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+        return self._perm[epoch]
+
+    def pick(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(epochs, items) of micro-batch `index`, each (batch_size,) int64; sample id = epoch × n + item."""
+        positions = (index * self.batch_size + np.arange(self.batch_size)) * self.world_size + self.rank
+        epochs, offsets = np.divmod(positions, self.n)
+        items = np.array(
+            [self._order(int(e))[o] for e, o in zip(epochs, offsets, strict=True)], dtype=np.int64
+        )
+        return epochs, items
+
+
 class PackedDataset:
     """Packed rows served as micro-batches of `micro_batch_size` rows for one rank (see module docstring)."""
 
@@ -227,8 +255,14 @@ class PackedDataset:
         shuffle: bool = True,
     ) -> None:
         self.rows, self.batch_size, self.rank, self.world_size = rows, micro_batch_size, rank, world_size
-        self.seed, self.shuffle = seed, shuffle
-        self._perm: dict[int, np.ndarray] = {}
+        self.order = EpochOrder(
+            len(rows),
+            batch_size=micro_batch_size,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            shuffle=shuffle,
+        )
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -237,23 +271,13 @@ class PackedDataset:
     def micro_batches_per_epoch(self) -> float:
         return len(self.rows) / (self.batch_size * self.world_size)
 
-    def _order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(len(self.rows))
-        if epoch not in self._perm:
-            self._perm = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))}
-        return self._perm[epoch]
-
     def batch(self, index: int) -> dict[str, torch.Tensor]:
         """Micro-batch `index` (counted from the start of the run) for this rank."""
-        n = len(self.rows)
-        positions = (index * self.batch_size + np.arange(self.batch_size)) * self.world_size + self.rank
-        epochs, offsets = np.divmod(positions, n)
-        rows = np.array([self._order(int(e))[o] for e, o in zip(epochs, offsets, strict=True)])
+        epochs, rows = self.order.pick(index)
         return {
             "input_ids": torch.from_numpy(self.rows.tokens[rows].astype(np.int64)),
             "loss_mask": torch.from_numpy(self.rows.mask[rows]),
-            "sample_ids": torch.from_numpy(epochs * n + rows),
+            "sample_ids": torch.from_numpy(epochs * len(self.rows) + rows),
         }
 
     def batches(self, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:

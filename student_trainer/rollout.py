@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from student_trainer.data import EpochOrder
+
 TokenDoc = tuple[
     list[int], int
 ]  # (token ids ending in EOS, number of prompt tokens): data.tokenize_documents
@@ -57,27 +59,25 @@ class PromptDataset:
             prompt = ids[:n_prompt][-keep:] if n_prompt else [eos_id]  # an empty prompt starts at EOS
             self.prompts.append(prompt)
             self.completions.append(ids[n_prompt:][: seq_len - len(prompt)])
-        self.batch_size, self.rank, self.world_size = micro_batch_size, rank, world_size
-        self.seed, self.shuffle = seed, shuffle
+        self.order = EpochOrder(
+            len(self.prompts),
+            batch_size=micro_batch_size,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            shuffle=shuffle,
+        )
 
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def _order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(len(self))
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self))
-
     def batch(self, index: int) -> dict:
         """Micro-batch `index` (counted from the start of the run) for this rank."""
-        n = len(self)
-        positions = (index * self.batch_size + np.arange(self.batch_size)) * self.world_size + self.rank
-        epochs, offsets = np.divmod(positions, n)
-        rows = [int(self._order(int(e))[o]) for e, o in zip(epochs, offsets, strict=True)]
+        epochs, rows = self.order.pick(index)
         return {
             "prompts": [self.prompts[i] for i in rows],
             "completions": [self.completions[i] for i in rows],
-            "sample_ids": torch.from_numpy(epochs * n + np.asarray(rows, dtype=np.int64)),
+            "sample_ids": torch.from_numpy(epochs * len(self) + rows),
         }
 
 

@@ -6,8 +6,11 @@
     piece = det.add([17, 42])                # the text new since the previous call ("" while incomplete)
     rest = det.finish()                      # whatever was held back
 
-Decoding is incremental the simple way: the sample's whole id list is decoded each time and the new suffix
-returned, holding back text that ends in U+FFFD (a UTF-8 character split over tokens) until more comes.
+Decoding is incremental with two offsets (as TGI and vLLM do): each call decodes only the ids from the last
+handed-out piece's start (`prefix`) on, and returns what they add beyond the ids already handed out
+(`read`), so the work per token stays bounded however long the sample grows (decoding a window rather than
+single ids keeps merges such as a leading space right); text ending in U+FFFD (a UTF-8 character split over
+tokens) is held back until more comes.
 """
 
 from __future__ import annotations
@@ -37,20 +40,21 @@ class Detokenizer:
     def __init__(self, codec: TextCodec):
         self.codec = codec
         self.ids: list[int] = []
-        self.sent = 0  # characters of the decoded text handed out so far
+        self.prefix = self.read = 0  # ids[prefix:read] were handed out last; ids[:read] are handed out
 
     def add(self, ids: list[int]) -> str:
         if not ids:
             return ""
         self.ids.extend(ids)
-        text = self.codec.decode(self.ids)
-        if text.endswith(_REPLACEMENT):  # a character split over tokens: wait for the rest
-            return ""
-        return self._take(text)
+        return self._take(final=False)
 
     def finish(self) -> str:
-        return self._take(self.codec.decode(self.ids)) if self.ids else ""
+        return self._take(final=True) if self.ids else ""
 
-    def _take(self, text: str) -> str:
-        piece, self.sent = text[self.sent :], len(text)
-        return piece
+    def _take(self, *, final: bool) -> str:
+        done = self.codec.decode(self.ids[self.prefix : self.read])
+        text = self.codec.decode(self.ids[self.prefix :])
+        if len(text) <= len(done) or (text.endswith(_REPLACEMENT) and not final):
+            return ""  # nothing new yet, or a character split over tokens: wait for the rest
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(done) :]
