@@ -132,8 +132,8 @@ def test_a_rank_killed_mid_run_leaves_the_teacher_serving_another_student(
     monkeypatch.setenv("ASYMKD_CACHE", str(tmp_path / "cache"))
     write_corpus(tmp_path / "corpus.jsonl")
     victim_cfg = config(
-        tmp_path, tiny_teacher_dir, teacher.address, "victim", signal_name="full", plane="torch", steps=500
-    )
+        tmp_path, tiny_teacher_dir, teacher.address, "victim", signal_name="full", plane="torch", steps=10**6
+    )  # never finishes on its own: it runs ~25 steps/s here, faster elsewhere
     other_cfg = config(
         tmp_path, tiny_teacher_dir, teacher.address, "other", signal_name="hidden", plane="torch", steps=25
     )
@@ -153,7 +153,9 @@ def test_a_rank_killed_mid_run_leaves_the_teacher_serving_another_student(
             ).read_text()[-3000:]
             time.sleep(0.1)
         gone_before = teacher.log_path.read_text().count("peer gone")
-        os.kill(_rank_pid(victim.pid, 1), signal.SIGKILL)  # mid-run, sessions open, tensors in flight
+        rank1 = _rank_pid(victim.pid, 1)
+        assert victim.poll() is None and rank1 is not None, (tmp_path / "victim.log").read_text()[-3000:]
+        os.kill(rank1, signal.SIGKILL)  # mid-run, sessions open, tensors in flight
         assert victim.wait(timeout=120) != 0
         assert other.wait(timeout=120) == 0, (tmp_path / "other.log").read_text()[-3000:]
     finally:
