@@ -52,6 +52,10 @@ VALUE_DTYPES = (pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16)
 # Integer result fields travel as int32 (ids < 2^31); the decoder widens ids to int64.
 _INT32_FIELDS = ("ids", "counts", "top_ids")
 _LITTLE = sys.byteorder == "little"
+# ScoreStream: the initial metadata a server sends once it has accepted the call. A client writes requests only
+# after it: a write racing a refusal makes grpc.aio report INTERNAL instead of the refusal's status
+# (https://github.com/grpc/grpc/issues/36066).
+STREAM_OPEN = ("asymkd-stream", "open")
 
 
 class WireError(ValueError):

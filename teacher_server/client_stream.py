@@ -18,7 +18,7 @@ import torch
 from asymkd.contract import SequenceScores
 from asymkd.remote import RemoteRef, fill_remote
 from asymkd.v1 import teacher_pb2 as pb
-from asymkd.wire import DataLossError, ScoreAssembly, ScoreQuery, expected_rows
+from asymkd.wire import STREAM_OPEN, DataLossError, ScoreAssembly, ScoreQuery, expected_rows
 from teacher_server.client_policy import TeacherError, TeacherTimeoutError, TeacherUnavailableError
 
 if TYPE_CHECKING:
@@ -117,10 +117,11 @@ class ScoreStreamRun:
 
     async def _write(self) -> None:
         try:
-            # A write racing the server's refusal of the call (a missing token, draining) makes grpc.aio
-            # report INTERNAL "Internal error from Core" instead of the refusal
-            # (https://github.com/grpc/grpc/issues/36066): wait until the call is established first.
-            await self.call.wait_for_connection()
+            # Write only once the server has accepted the call (wire.STREAM_OPEN): a refused call (a missing
+            # token, a draining server) ends without it, and the reader reports its status.
+            metadata = await self.call.initial_metadata()
+            if metadata is None or metadata.get(STREAM_OPEN[0]) != STREAM_OPEN[1]:
+                return
             while (req := await self.outbox.get()) is not None:
                 await self.call.write(req)
             await self.call.done_writing()

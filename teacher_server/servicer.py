@@ -45,7 +45,15 @@ from asymkd.contract import DataPlane, IdEncoding, SequenceScores, Signal
 from asymkd.remote import RemoteRef
 from asymkd.v1 import teacher_pb2 as pb
 from asymkd.v1 import teacher_pb2_grpc
-from asymkd.wire import VALUE_DTYPES, WireError, chunk_to_proto, info_to_proto, scores_to_proto, split_results
+from asymkd.wire import (
+    STREAM_OPEN,
+    VALUE_DTYPES,
+    WireError,
+    chunk_to_proto,
+    info_to_proto,
+    scores_to_proto,
+    split_results,
+)
 from teacher_server.backends.base import ScoreParams, TeacherBackend, UnsupportedSignal
 from teacher_server.batching import MicroBatcher
 from teacher_server.config import ServeConfig
@@ -228,6 +236,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
         # Per-request metrics are recorded by the session; the stream itself is not timed.
         async with self._call("ScoreStream", context, record=False):
             self._ready()
+            await context.send_initial_metadata((STREAM_OPEN,))
             session = _StreamSession(self, request_iterator)
             async for response in session.responses():
                 yield response

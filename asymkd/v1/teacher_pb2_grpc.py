@@ -83,7 +83,9 @@ class TeacherServicer:
 
     def ScoreStream(self, request_iterator, context):
         """Pipelined scoring on one stream; responses carry the request_id of the request they answer and may
-        arrive out of order. A large result may be split over several responses (see SequenceScores).
+        arrive out of order. A large result may be split over several responses (see SequenceScores). The
+        server sends initial metadata `asymkd-stream: open` once it has accepted the call (authorized, ready);
+        a client writes its requests after that, so a refused call reports the refusal's status.
         matched by request_id
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -172,6 +172,17 @@ def test_a_missing_or_wrong_token_is_unauthenticated_on_every_rpc(mtls_teacher, 
             assert TOKEN not in e.value.details and "not-the-token" not in e.value.details
 
 
+def test_a_refused_score_stream_reports_the_refusal_every_time(mtls_teacher, pki):
+    """The client writes a stream's requests only once the server has accepted the call: a write racing the
+    refusal would make grpc.aio report INTERNAL instead of it (https://github.com/grpc/grpc/issues/36066)."""
+    with client(mtls_teacher.address, **mtls_options(pki, auth_token_file=None)) as c:
+        for attempt in range(40):
+            queries = [[[1, 2, 3]], [[4, 5, 6, 7]], [[8, 9]]]
+            with pytest.raises(TeacherError) as e:
+                list(c.score_stream(queries, top_k=4, max_in_flight=3))
+            assert (e.value.code, e.value.details) == (grpc.StatusCode.UNAUTHENTICATED, NO_TOKEN), attempt
+
+
 def test_health_and_reflection_answer_without_a_token(mtls_teacher, pki):
     security = ClientSecurity.build(
         tls_ca=pki / "ca.pem", tls_cert=pki / "client.pem", tls_key=pki / "client.key"
