@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -50,6 +51,7 @@ from grpc_health.v1 import health_pb2
 
 from asymkd.config import ConfigError, dump_config, load_config
 from teacher_server.launch import LocalTeacher, health_status
+from teacher_server.security import ClientSecurity
 
 log = logging.getLogger("asymkd.slurm")
 SERVICE_NAME = "asymkd.v1.Teacher"
@@ -247,8 +249,20 @@ def read_rendezvous(rdv_dir: Path, replicas: int) -> list[str] | None:
     return [json.loads(p.read_text())["address"] for p in records]
 
 
-def _is_serving(target: str) -> bool:
-    return health_status(target, SERVICE_NAME) == SERVING
+def _is_serving(target: str, security: ClientSecurity | None = None) -> bool:
+    return health_status(target, SERVICE_NAME, security=security) == SERVING
+
+
+def teacher_security(train_yaml: str | Path) -> ClientSecurity:
+    """How this job reaches its teachers: the TLS keys of the train config's teacher section (the student's own
+    client certificate and CA; health answers without the token)."""
+    from student_trainer.config import TrainConfig
+
+    t = load_config(TrainConfig, train_yaml).teacher
+    return ClientSecurity.build(
+        tls_ca=t.tls_ca or None, tls_cert=t.tls_cert or None, tls_key=t.tls_key or None,
+        tls_server_name=t.tls_server_name or None,
+    )  # fmt: skip
 
 
 def wait_serving(
@@ -259,7 +273,8 @@ def wait_serving(
 ) -> list[str]:
     """Block until every target says SERVING from here; the targets. `targets`: host:port or gRPC URIs (for
     dns:///name:port, one of its addresses), or a function giving them once known (None before: the
-    rendezvous; it raises TeacherFailedError at once). TimeoutError at the bound."""
+    rendezvous; it raises TeacherFailedError at once). `is_serving(target)`: default a plaintext health check.
+    TimeoutError at the bound."""
     find = targets if callable(targets) else lambda: targets
     is_serving = is_serving or _is_serving
     deadline = time.monotonic() + timeout_s
@@ -301,7 +316,7 @@ class NodeTeacher(LocalTeacher):
                 raise RuntimeError(f"exited with code {self.proc.returncode} during start-up")
             if self.should_stop():
                 raise _StopRequested
-            if not self.head or health_status(self.address, SERVICE_NAME) == SERVING:
+            if not self.head or _is_serving(self.address, self.security):
                 return
             time.sleep(0.25)
         raise TimeoutError(f"was not SERVING after {self.start_timeout_s:.0f} s")
@@ -360,10 +375,12 @@ def _build_teacher(plan: Plan, env: Mapping[str, str], task: int, node: str, log
         args += ["--vllm.master_addr", master, "--vllm.master_port", str(plan.vllm_master_port)]
     threads = {"OMP_NUM_THREADS": str(plan.teacher_threads)} if plan.teacher_threads else None
     host = teacher_host(env, node, student=plan.rdzv_endpoint.rpartition(":")[0])
-    return NodeTeacher(
+    teacher = NodeTeacher(
         args, host=host, port=plan.teacher_port, start_timeout_s=plan.start_timeout_s, log_path=log_path,
         env=threads, head=rank == 0,
     )  # fmt: skip
+    teacher.security = teacher_security(Path(plan.job_dir) / "train.yaml")  # a TLS server: checked over TLS
+    return teacher
 
 
 # ---------------------------------------------------------------------------------------------- student
@@ -393,7 +410,9 @@ def run_student(job_dir: Path, env: Mapping[str, str]) -> int:
     log.info("waiting for %d teacher replica(s) (at most %.0f s)", plan.replicas, plan.start_timeout_s)
     published = lambda: read_rendezvous(job_dir / "rendezvous", plan.replicas)  # noqa: E731
     try:  # a little longer than the teachers' own bound: their timeout message comes first
-        targets = wait_serving(published, plan.start_timeout_s + 30)
+        security = teacher_security(job_dir / "train.yaml")
+        is_serving = functools.partial(_is_serving, security=security)
+        targets = wait_serving(published, plan.start_timeout_s + 30, is_serving)
     except TeacherFailedError as e:
         log.error("%s", e)
         return e.exit_code
@@ -419,8 +438,9 @@ def run_wait(train_yaml: str, timeout_s: float, poll_s: float = 1.0) -> int:
     if not targets:
         raise ConfigError(f"{train_yaml}: teacher.targets is empty: there is no teacher to wait for")
     log.info("waiting for %s to say SERVING (at most %.0f s)", ", ".join(targets), timeout_s)
+    is_serving = functools.partial(_is_serving, security=teacher_security(train_yaml))
     try:
-        wait_serving(targets, timeout_s, poll_s=poll_s)
+        wait_serving(targets, timeout_s, is_serving, poll_s=poll_s)
     except TimeoutError as e:
         log.error("%s", e)
         return 1

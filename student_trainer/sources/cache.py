@@ -44,7 +44,7 @@ from asymkd.config import ConfigError
 from asymkd.contract import SequenceScores, TeacherInfo
 from student_trainer.cache import store
 from student_trainer.cache.codec import Answers, encode, parse_encoding
-from student_trainer.config import DistillSection, TeacherSection
+from student_trainer.config import CacheWriteConfig, DistillSection, TeacherSection
 from student_trainer.sources.base import MicroBatch, StudentSide, TeacherBatch, TeacherSource
 from student_trainer.sources.common import TeacherCompatError, negotiate, scatter_scores
 
@@ -52,7 +52,7 @@ log = logging.getLogger("asymkd.student.cache")
 LiveFactory = Callable[[Iterable[dict]], TeacherSource]
 _LOOKAHEAD = 64  # data batches the live source may read ahead of the training loop (mixed mode)
 _SAME_TEACHER = ("model", "vocab_size", "tokenizer_hash")
-APPEND_ENCODING = "delta-q4"
+APPEND_ENCODING = CacheWriteConfig.encoding  # appended rows: the `cache write` defaults
 
 
 class CachedTeacher:
@@ -167,7 +167,7 @@ class CachedTeacher:
             "format": store.FORMAT, **store.signal_keys(self.distill), "encoding": enc.name, "rows": len(s.rows),
             "seq_len": int(s.rows.tokens.shape[1]), "rows_sha256": store.rows_sha256(s.rows),
             "tokenizer_hash": s.tokenizer_hash, "teacher": {k: getattr(info, k) for k in store.INFO_KEYS},
-            "shard_rows": 1024, "id_bits": id_bits(info.vocab_size), "data": None, "complete": False,
+            "shard_rows": CacheWriteConfig.shard_rows, "id_bits": id_bits(info.vocab_size), "data": None, "complete": False,
         })  # fmt: skip
 
     # --------------------------------------------------------------------------------------------- read
@@ -329,7 +329,7 @@ class _Appender:
             row = int(sid) % n
             if not cache.has(row):
                 self.rows.setdefault(row, store.row_answers(answer, i))
-        if len(self.rows) >= cache.manifest.get("shard_rows", 1024):
+        if len(self.rows) >= cache.manifest.get("shard_rows", CacheWriteConfig.shard_rows):
             self.flush(cache)
 
     def flush(self, cache: store.CacheStore) -> None:

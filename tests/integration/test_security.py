@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -181,6 +182,22 @@ def test_a_refused_score_stream_reports_the_refusal_every_time(mtls_teacher, pki
             with pytest.raises(TeacherError) as e:
                 list(c.score_stream(queries, top_k=4, max_in_flight=3))
             assert (e.value.code, e.value.details) == (grpc.StatusCode.UNAUTHENTICATED, NO_TOKEN), attempt
+
+
+def test_the_slurm_wait_checks_a_tls_teacher_with_the_train_configs_keys(mtls_teacher, pki, tmp_path):
+    """`asymkd.hetjob wait` (and the hetjob's student and teacher steps) check health over TLS with the
+    teacher section's certificates: a plaintext check of a TLS teacher would never see SERVING."""
+    from asymkd import hetjob
+
+    teacher = {"targets": [mtls_teacher.address]} | {k: str(v) for k, v in mtls_options(pki).items()}
+    train = {"model": {"tokenizer": "tok"}, "data": {"builtin": "stdlib-docs"}, "teacher": teacher}
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(train))
+    assert hetjob.run_wait(str(path), 30, poll_s=0.1) == 0
+    del teacher["tls_ca"], teacher["tls_cert"], teacher["tls_key"]
+    teacher["auth_token_file"] = str(pki / "token")
+    path.write_text(yaml.safe_dump(train | {"teacher": teacher}))
+    assert hetjob.run_wait(str(path), 1.0, poll_s=0.1) == 1  # plaintext: the handshake fails
 
 
 def test_health_and_reflection_answer_without_a_token(mtls_teacher, pki):

@@ -29,29 +29,31 @@ REPO = Path(__file__).resolve().parents[2]
 STEPS = 6
 
 
+WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "runs",
+    "jumps",
+    "over",
+    "under",
+    "quickly",
+    "slowly",
+    "big",
+    "small",
+    "red",
+    "blue",
+    "house",
+    "tree",
+    "river",
+]  # a small, learnable word distribution
+
+
 def write_corpus(path: Path, n_docs: int = 300, seed: int = 0) -> Path:
     """Paragraphs of a small, learnable word distribution (one document per paragraph)."""
     rng = random.Random(seed)
-    words = [
-        "the",
-        "a",
-        "cat",
-        "dog",
-        "runs",
-        "jumps",
-        "over",
-        "under",
-        "quickly",
-        "slowly",
-        "big",
-        "small",
-        "red",
-        "blue",
-        "house",
-        "tree",
-        "river",
-    ]
-    docs = (" ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) for _ in range(n_docs))
+    docs = (" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60))) for _ in range(n_docs))
     path.write_text("\n\n".join(docs) + "\n")
     return path
 

@@ -187,10 +187,10 @@ def test_wait_command_waits_for_the_targets_of_a_train_config(tmp_path, monkeypa
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(train | {"teacher": {"targets": ["dns:///teacher-headless:50051"]}}))
     asked: list[str] = []
-    monkeypatch.setattr(hetjob, "_is_serving", lambda target: asked.append(target) or len(asked) > 2)
+    monkeypatch.setattr(hetjob, "_is_serving", lambda target, **_: asked.append(target) or len(asked) > 2)
     assert hetjob.run_wait(str(path), 30, poll_s=0.01) == 0
     assert asked == ["dns:///teacher-headless:50051"] * 3
-    monkeypatch.setattr(hetjob, "_is_serving", lambda target: False)
+    monkeypatch.setattr(hetjob, "_is_serving", lambda target, **_: False)
     t0 = time.monotonic()
     assert hetjob.run_wait(str(path), 0.2, poll_s=0.01) == 1 and time.monotonic() - t0 < 3
     path.write_text(yaml.safe_dump(train))
