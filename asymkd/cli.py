@@ -50,6 +50,8 @@ def serve(argv: list[str]) -> int:
 def _serve(cfg: ServeConfig) -> int:
     import asyncio
 
+    if cfg.omp_wait_policy and "torch" not in sys.modules:  # OpenMP reads it once, when torch loads
+        os.environ["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY") or cfg.omp_wait_policy.upper()
     from teacher_server.server import configure_logging
     from teacher_server.server import serve as serve_teacher
 

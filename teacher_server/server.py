@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import signal
 import socket
 import sys
@@ -216,11 +217,12 @@ async def serve(cfg: ServeConfig) -> int:
     if ready:
         await batcher.start()
         servicer.attach(backend, batcher)
-        await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
         info = backend.info
         log.info(
-            "serving %s (%s, vocab %d) on %s:%d", info.model, info.backend, info.vocab_size, cfg.host, port
-        )
+            "serving %s (%s, vocab %d) on %s:%d | OpenMP wait policy %s", info.model, info.backend,
+            info.vocab_size, cfg.host, port, os.environ.get("OMP_WAIT_POLICY") or "default",
+        )  # fmt: skip
+        await _set_health(health, health_pb2.HealthCheckResponse.SERVING)  # after the line: a watcher sees it
         await stop.wait()
     await _drain(cfg, server, health, servicer, batcher, backend)
     return 0

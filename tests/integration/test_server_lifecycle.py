@@ -186,3 +186,24 @@ def test_missing_model_exits_1_with_one_line(tmp_path):
     assert res.returncode == 1
     assert "could not load the teacher model" in res.stderr and "nope" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "policy"),
+    [
+        ([], {}, "PASSIVE"),
+        ([], {"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),
+        (["--omp-wait-policy", "active"], {}, "ACTIVE"),
+    ],
+    ids=["default", "environment-wins", "key"],
+)
+def test_the_teachers_openmp_threads_sleep_when_idle_unless_told(
+    tiny_teacher_dir, tmp_path, args, env, policy
+):
+    """A student on the same cores gets them while the teacher waits (OMP_WAIT_POLICY before torch loads)."""
+    from teacher_server.launch import LocalTeacher
+
+    clean = {"OMP_WAIT_POLICY": ""} | env  # the test runner's own setting must not leak in
+    serve_args = ["--model", str(tiny_teacher_dir), "--backend", "hf", *args]
+    with LocalTeacher(serve_args, log_path=tmp_path / "t.log", env=clean) as teacher:
+        assert f"OpenMP wait policy {policy}" in teacher.log_path.read_text()
