@@ -136,16 +136,21 @@ def run_train(
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"asymkd train failed ({proc.returncode}):\n{tail(out / 'train.log')}")
-    sps = metrics_samples_per_s(out / "metrics.jsonl", warmup)
+    ahead = cfg["teacher"].get("prefetch", 4) if cfg.get("teacher", {}).get("targets") else 0
+    sps = metrics_samples_per_s(out / "metrics.jsonl", warmup, ahead)
     return sps, usage.ru_utime + usage.ru_stime, time.perf_counter() - t0
 
 
-def metrics_samples_per_s(path: Path, warmup: int) -> float:
-    """Samples (every rank's, as the trainer gathers them) per second of the steps after `warmup`."""
+def metrics_samples_per_s(path: Path, warmup: int, tail: int = 0) -> float:
+    """Samples (every rank's, as the trainer gathers them) per second of the steps after `warmup`, without the
+    last `tail` (a live teacher is done `prefetch` batches before the end: see runner.samples_per_s)."""
     steps = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     steps = [r for r in steps if r.get("kind") == "train"]
     w = min(max(warmup, 1), len(steps) - 1)
-    return sum(len(r["sample_ids"]) for r in steps[w:]) / (steps[-1]["time"] - steps[w - 1]["time"])
+    last = max(len(steps) - 1 - tail, w)
+    return sum(len(r["sample_ids"]) for r in steps[w : last + 1]) / (
+        steps[last]["time"] - steps[w - 1]["time"]
+    )
 
 
 def run_group(names: list[str], ctx: dict, args, rep: int) -> dict[str, tuple[float, float]]:

@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from bench.benchlib import REPO_DIR, ProcessTreePeak, load_average_1m
+from student_trainer.teacher_config import TeacherSection
 
 
 # ---------------------------------------------------------------------------------------------- placement
@@ -166,14 +167,17 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
 
 
 def samples_per_s(
-    records: list[dict], batch_size: int, warmup_steps: int
+    records: list[dict], batch_size: int, warmup_steps: int, tail_steps: int = 0
 ) -> tuple[float | None, float | None]:
-    """(samples/s, mean step time) over the steps after `warmup_steps`, from the per-step end times."""
+    """(samples/s, mean step time) over the steps after `warmup_steps`, from the per-step end times, leaving
+    out the last `tail_steps`: a live teacher scores `prefetch` batches ahead, so the run's last steps train
+    with the teacher already done and its cores free, faster than the steady state being measured."""
     if len(records) < 2:
         return None, None
     w = min(max(warmup_steps, 1), len(records) - 1)
-    span = records[-1]["time"] - records[w - 1]["time"]
-    n = len(records) - w
+    last = max(len(records) - 1 - tail_steps, w)
+    span = records[last]["time"] - records[w - 1]["time"]
+    n = last - w + 1
     return n * batch_size / span, span / n
 
 
@@ -210,8 +214,14 @@ def run_train(
     batch = config.get("optim", {}).get("micro_batch_size", 8) * config.get("optim", {}).get(
         "grad_accum_steps", 1
     )
-    sps, step_s = samples_per_s(train, batch, warmup_steps)
-    waits = [r["teacher_wait_ms"] for r in train[warmup_steps:] if r.get("teacher_wait_ms") is not None]
+    live = teacher is not None and "teacher" in config and not config["teacher"].get("cache")
+    tail = config["teacher"].get("prefetch", TeacherSection.prefetch) if live else 0
+    sps, step_s = samples_per_s(train, batch, warmup_steps, tail)
+    waits = [
+        r["teacher_wait_ms"]
+        for r in train[warmup_steps : len(train) - tail]
+        if r.get("teacher_wait_ms") is not None
+    ]
     return TrainResult(
         returncode=rc,
         steps=len(train),
