@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             flags = [*vs_trl_flags, "--repeats", "1", "--out", str(out), "--serve-args", *SIDES[side]]
             log.info("round %d, %s: vs_trl.py %s", rnd, side, " ".join(flags))
             vs_trl.main(flags)
+            out.with_suffix(".png").unlink(missing_ok=True)  # the merged JSON is the result
             result = json.loads(out.read_text())
             parts.append({"round": rnd, "side": side, "path": str(out), "machine": result["machine"]})
             trl = {r["beta"]: r["samples_per_s"] for r in result["runs"] if r["kind"] == "trl"}

@@ -91,9 +91,9 @@ class ServeConfig:
     """Prometheus /metrics on this HTTP port; None = off, 0 = any free port"""
     omp_wait_policy: Literal["passive", "active", ""] = "passive"
     """how the engine's idle OpenMP threads wait between parallel regions (set before torch loads): passive
-    sleeps, so a student on the same cores gets them (measured: top-64 KD 1.76 -> 2.38 samples/s on 2 shared
-    cores); active spins (no gain measured on dedicated cores); "" = OpenMP's default. An OMP_WAIT_POLICY in
-    the environment wins"""
+    sleeps, so a student on the same cores gets them (bench/omp_wait_ab.py, 2 shared cores: top-64 KD 1.81 ->
+    2.08 samples/s, HIDDEN over gRPC 1.22 -> 1.82); active spins (no gain measured on dedicated cores); "" =
+    OpenMP's default. An OMP_WAIT_POLICY in the environment wins"""
     max_batch_tokens: int = 8192
     """micro-batch token budget (sum of sequence lengths)"""
     max_request_tokens: int = 65536
