@@ -136,7 +136,10 @@ def completion_chunks(index: int, co, params: GenerateParams) -> list[GenerateCh
             if finished
             else []
         )
-    ids, lps = sample_logprob_tensors(co.logprobs, n, k + 1)  # column 0: the sampled token
+    try:
+        ids, lps = sample_logprob_tensors(co.logprobs, list(co.token_ids), k)  # column 0: the sampled token
+    except ValueError as e:
+        raise BackendError(str(e)) from e
     top_ids, top_lps, tok_lps = ids[:, 1:].to(torch.int32), lps[:, 1:].to(vd), lps[:, 0].to(vd)
     last = n - 1
     return [

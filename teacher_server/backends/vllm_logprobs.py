@@ -101,11 +101,32 @@ def prompt_logprob_tensors(prompt_logprobs, width: int) -> tuple[torch.Tensor, t
     return ids, lps
 
 
-def sample_logprob_tensors(flat, num_tokens: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generated-token logprobs (FlatLogprobs of `num_tokens` positions, `width` = 1 + k entries each: the
-    sampled token, then the top-k) -> ids (num_tokens, width) int64, logprobs (num_tokens, width) float32."""
-    ids = torch.tensor(flat.token_ids[-num_tokens * width :], dtype=torch.long).view(num_tokens, width)
-    lps = torch.tensor(flat.logprobs[-num_tokens * width :], dtype=torch.float32).view(num_tokens, width)
+def sample_logprob_tensors(flat, sampled: list[int], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generated-token logprobs -> ids (n, 1 + k) int64 and logprobs (n, 1 + k) float32 for the last
+    n = len(sampled) positions of a FlatLogprobs: column 0 the sampled token, then the top-k by rank.
+
+    A position normally holds 1 + k entries (the sampled token first), but vLLM may hand over a position
+    without its sampled entry when that token is among the top-k (seen with delta outputs), so each
+    position is read by its own start/end index: the sampled token's logprob is then found among the top-k.
+    Anything else (too few entries, a sampled token that is nowhere) is a ValueError, never a misaligned row.
+    """
+    n = len(sampled)
+    starts, ends = (
+        flat.start_indices[len(flat.start_indices) - n :],
+        flat.end_indices[len(flat.end_indices) - n :],
+    )
+    ids = torch.empty(n, 1 + k, dtype=torch.long)
+    lps = torch.empty(n, 1 + k, dtype=torch.float32)
+    for t, (a, b) in enumerate(zip(starts, ends, strict=True)):
+        tok, lp = flat.token_ids[a:b], flat.logprobs[a:b]
+        top = slice(1, None) if b - a == 1 + k else slice(None)
+        if len(tok[top]) != k:
+            raise ValueError(f"vLLM gave {b - a} logprobs for a sampled position, expected {1 + k} (or {k})")
+        own = 0 if b - a == 1 + k else next((i for i, x in enumerate(tok) if x == sampled[t]), None)
+        if own is None or tok[own] != sampled[t]:
+            raise ValueError(f"vLLM's logprobs of position {t} do not include the sampled token {sampled[t]}")
+        ids[t, 0], lps[t, 0] = sampled[t], lp[own]
+        ids[t, 1:], lps[t, 1:] = torch.tensor(tok[top]), torch.tensor(lp[top])
     return ids, lps
 
 

@@ -65,3 +65,36 @@ def test_losses_on_a_peaked_teacher_are_finite_with_finite_gradients(loss, beta)
     out.kd_sum.backward()
     assert torch.isfinite(student.grad).all()
     assert student.grad.abs().sum() > 0
+
+
+def flat_logprobs(positions: list[list[tuple[int, float]]]):
+    """A vLLM FlatLogprobs stand-in: per position its (token id, logprob) entries, flattened with indices."""
+    from types import SimpleNamespace
+
+    flat = SimpleNamespace(start_indices=[], end_indices=[], token_ids=[], logprobs=[])
+    for entries in positions:
+        flat.start_indices.append(len(flat.token_ids))
+        flat.token_ids += [t for t, _ in entries]
+        flat.logprobs += [lp for _, lp in entries]
+        flat.end_indices.append(len(flat.token_ids))
+    return flat
+
+
+def test_sampled_positions_are_read_by_their_own_indices_with_or_without_the_sampled_entry():
+    """The vLLM generate path: a position of 1 + k entries (the sampled token first) next to one of k, where
+    vLLM left out the sampled token because it is among the top-k (seen from vLLM with delta outputs: a
+    flat read of fixed width failed with a shape error)."""
+    from teacher_server.backends.vllm_logprobs import sample_logprob_tensors
+
+    top0 = [(29, -0.1), (15, -2.0), (51, -3.0), (433, -4.0)]
+    top1 = [(181, -0.2), (140, -1.9), (118, -2.9), (29, -3.9)]
+    earlier = [[(7, -0.5), (7, -0.5), (8, -1.0), (9, -2.0), (10, -3.0)]]  # a position before this delta
+    flat = flat_logprobs([*earlier, [(29, -0.1), *top0], top1])
+    ids, lps = sample_logprob_tensors(flat, [29, 181], K)
+    assert ids.tolist() == [[29, 29, 15, 51, 433], [181, 181, 140, 118, 29]]
+    want = torch.tensor([[-0.1, -0.1, -2.0, -3.0, -4.0], [-0.2, -0.2, -1.9, -2.9, -3.9]])
+    torch.testing.assert_close(lps, want)
+    with pytest.raises(ValueError, match="do not include the sampled token"):
+        sample_logprob_tensors(flat_logprobs([top1]), [999], K)
+    with pytest.raises(ValueError, match="expected 5"):
+        sample_logprob_tensors(flat_logprobs([top1[:2]]), [181], K)
