@@ -53,7 +53,7 @@ from asymkd.planner.cost import (
 )
 from asymkd.planner.presets import GpuSpec, resolve_model
 from bench import benchlib as bl
-from bench.runner import pinned, tail, teacher_alone
+from bench.runner import pinned, steady_window, tail, teacher_alone
 from bench.vs_trl import PAIRS, asymkd_config, build_pair, training_batches
 from student_trainer.config import InProcessTeacherSection
 from teacher_server.backends.vllm import omp_threads_bind
@@ -146,8 +146,7 @@ def metrics_samples_per_s(path: Path, warmup: int, tail: int = 0) -> float:
     last `tail` (a live teacher is done `prefetch` batches before the end: see runner.samples_per_s)."""
     steps = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     steps = [r for r in steps if r.get("kind") == "train"]
-    w = min(max(warmup, 1), len(steps) - 1)
-    last = max(len(steps) - 1 - tail, w)
+    w, last = steady_window(len(steps), warmup, tail)
     return sum(len(r["sample_ids"]) for r in steps[w : last + 1]) / (
         steps[last]["time"] - steps[w - 1]["time"]
     )

@@ -166,6 +166,13 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
+def steady_window(n: int, warmup: int, tail: int) -> tuple[int, int]:
+    """Indices (first, last) of the timed steps among n records: after `warmup` (>= 1: the first step's end
+    starts the clock), without the last `tail`; at least one step."""
+    first = min(max(warmup, 1), n - 1)
+    return first, max(n - 1 - tail, first)
+
+
 def samples_per_s(
     records: list[dict], batch_size: int, warmup_steps: int, tail_steps: int = 0
 ) -> tuple[float | None, float | None]:
@@ -174,8 +181,7 @@ def samples_per_s(
     with the teacher already done and its cores free, faster than the steady state being measured."""
     if len(records) < 2:
         return None, None
-    w = min(max(warmup_steps, 1), len(records) - 1)
-    last = max(len(records) - 1 - tail_steps, w)
+    w, last = steady_window(len(records), warmup_steps, tail_steps)
     span = records[last]["time"] - records[w - 1]["time"]
     n = last - w + 1
     return n * batch_size / span, span / n

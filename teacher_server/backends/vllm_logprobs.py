@@ -115,8 +115,8 @@ def sample_logprob_tensors(flat, sampled: list[int], k: int) -> tuple[torch.Tens
         flat.start_indices[len(flat.start_indices) - n :],
         flat.end_indices[len(flat.end_indices) - n :],
     )
-    ids = torch.empty(n, 1 + k, dtype=torch.long)
-    lps = torch.empty(n, 1 + k, dtype=torch.float32)
+    ids: list[list[int]] = []
+    lps: list[list[float]] = []
     for t, (a, b) in enumerate(zip(starts, ends, strict=True)):
         tok, lp = flat.token_ids[a:b], flat.logprobs[a:b]
         top = slice(1, None) if b - a == 1 + k else slice(None)
@@ -125,9 +125,10 @@ def sample_logprob_tensors(flat, sampled: list[int], k: int) -> tuple[torch.Tens
         own = 0 if b - a == 1 + k else next((i for i, x in enumerate(tok) if x == sampled[t]), None)
         if own is None or tok[own] != sampled[t]:
             raise ValueError(f"vLLM's logprobs of position {t} do not include the sampled token {sampled[t]}")
-        ids[t, 0], lps[t, 0] = sampled[t], lp[own]
-        ids[t, 1:], lps[t, 1:] = torch.tensor(tok[top]), torch.tensor(lp[top])
-    return ids, lps
+        ids.append([sampled[t], *tok[top]])
+        lps.append([lp[own], *lp[top]])
+    shape = (n, 1 + k)  # one tensor each, not one per position (a per-token path)
+    return torch.tensor(ids, dtype=torch.long).view(shape), torch.tensor(lps, dtype=torch.float32).view(shape)
 
 
 # The smallest mass a float32 probability carries as a normal number: exp() of the clamped tail stays > 0
